@@ -1,0 +1,23 @@
+"""HART (Hybrid Autoregressive Transformer) as native diffusers components."""
+
+from .models import HARTHybridTokenizer, HARTResidualHead, HARTTransformer, HybridTokens
+from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens, sample_residual
+from .scheduler import HARTResidualScheduler
+from .schedules import PATCH_NUMS, patch_nums_for_resolution
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PATCH_NUMS",
+    "HARTHybridTokenizer",
+    "HARTResidualHead",
+    "HARTResidualScheduler",
+    "HARTTokens",
+    "HARTTransformer",
+    "HybridTokens",
+    "add_residual",
+    "decode_tokens",
+    "generate_tokens",
+    "patch_nums_for_resolution",
+    "sample_residual",
+]

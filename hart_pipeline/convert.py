@@ -1,0 +1,240 @@
+"""Convert the official HART checkpoint layout (``llm/`` + ``tokenizer/``) to diffusers components.
+
+Usage::
+
+    python -m hart_pipeline.convert path/to/hart-0.7b-1024px path/to/hart-diffusers [--no-ema]
+
+The official ``llm/`` weights hold the transformer and the residual diffusion MLP (``diffloss.net.*``);
+they are split into ``transformer/`` and ``residual_head/``. The official tokenizer becomes ``vae/``
+(its discriminator and codebook-usage statistics are training-only and dropped).
+"""
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+
+from .models.residual_head import HARTResidualHead
+from .models.tokenizer import HARTHybridTokenizer
+from .models.transformer import HARTTransformer
+from .scheduler import HARTResidualScheduler
+
+
+class CheckpointError(ValueError):
+    """The folder is not an official HART checkpoint this converter supports; the message says why."""
+
+
+# Official transformer flags that the released model uses; anything else is a different architecture.
+REQUIRED_TRANSFORMER_FLAGS = {
+    "attn_type": "llama",
+    "mlp_type": "llama",
+    "disable_aln": True,
+    "shared_aln": False,
+    "use_timestep_embed": True,
+    "use_context_norm": True,
+    "use_cross_attn": False,
+    "attn_l2_norm": False,
+}
+# The official config class defaults, for flags an official config.json leaves out.
+OFFICIAL_FLAG_DEFAULTS = {
+    "attn_type": "gpt2",
+    "mlp_type": "gpt2",
+    "disable_aln": False,
+    "shared_aln": False,
+    "use_timestep_embed": False,
+    "use_context_norm": False,
+    "use_cross_attn": False,
+    "attn_l2_norm": False,
+}
+DERIVED_TRANSFORMER_KEYS = ("lvl_1L", "attn_bias_for_masking")  # rebuilt from patch_nums at run time
+TRAINING_ONLY_TOKENIZER_KEYS = ("quantize.ema_vocab_hit_SV",)
+
+
+@dataclass
+class HARTComponents:
+    transformer: HARTTransformer
+    residual_head: HARTResidualHead
+    vae: HARTHybridTokenizer
+    scheduler: HARTResidualScheduler
+
+
+def _read_config(folder: str, expected_types: Iterable[str]) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder} has no config.json; expected the official HART layout with llm/ and tokenizer/.")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("model_type") not in expected_types:
+        raise CheckpointError(
+            f"{path} has model_type {config.get('model_type')!r}; expected one of {sorted(expected_types)}."
+        )
+    return config
+
+
+def load_state_dict(folder: str, names: Iterable[str]) -> Dict[str, torch.Tensor]:
+    """Load the first of ``names`` present in ``folder``: safetensors directly, ``.bin`` with weights_only."""
+    names = list(names)
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickles with arbitrary objects are refused, not executed
+            raise CheckpointError(f"{path} could not be loaded safely (weights_only=True): {e}") from e
+    raise CheckpointError(f"{folder} contains none of {names}.")
+
+
+def _check_keys(name: str, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
+                   for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        lines = [f"The {name} weights do not match its config:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+                lines.append(f"  {title}: {shown}")
+        raise CheckpointError("\n".join(lines))
+
+
+def map_official_tokenizer_state(raw: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Official tokenizer keys (``vae.*`` [+ ``disc.*``]) -> :class:`HARTHybridTokenizer` keys."""
+    state = {}
+    for key, value in raw.items():
+        if key.startswith("disc."):
+            continue  # the GAN discriminator only matters for tokenizer training
+        key = key[len("vae."):] if key.startswith("vae.") else key
+        if key in TRAINING_ONLY_TOKENIZER_KEYS:
+            continue
+        key = key.replace("quantize.quant_resi.qresi_ls.", "quantizer.phis.").replace("quantize.embedding.", "quantizer.embedding.")
+        state[key] = value
+    return state
+
+
+def split_official_transformer_state(raw: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Official ``llm`` keys -> (:class:`HARTTransformer` keys, :class:`HARTResidualHead` keys).
+
+    The derived buffers (level ids, training attention bias, the all-zero k bias) are dropped.
+    """
+    trunk, head = {}, {}
+    for key, value in raw.items():
+        if key.startswith("diffloss.net."):
+            head[key[len("diffloss.net."):]] = value
+        elif key not in DERIVED_TRANSFORMER_KEYS and not key.endswith(".attn.zero_k_bias"):
+            trunk[key] = value
+    return trunk, head
+
+
+def _locate(src: str) -> Tuple[str, str]:
+    """(llm folder, tokenizer folder) of an official checkpoint root or of its ``llm`` folder."""
+    src = os.path.abspath(src.rstrip("/"))
+    if os.path.isdir(os.path.join(src, "llm")):
+        llm = os.path.join(src, "llm")
+    elif os.path.isfile(os.path.join(src, "config.json")):
+        llm = src
+    else:
+        raise CheckpointError(f"{src} is not an official HART checkpoint: expected a folder with llm/ and tokenizer/.")
+    config = _read_config(llm, {"hart_transformer_t2i"})
+    tokenizer = config.get("vae_path") or os.path.join(os.path.dirname(llm), "tokenizer")
+    if not os.path.isdir(tokenizer):
+        raise CheckpointError(f"The tokenizer folder {tokenizer} of {llm} does not exist.")
+    return llm, tokenizer
+
+
+def convert_tokenizer(folder: str, patch_nums: Tuple[int, ...]) -> HARTHybridTokenizer:
+    config = _read_config(folder, {"hart_autoencoder_with_disc", "hart_autoencoder"})
+    if config.get("quantizer_type") != "var_hybrid":
+        raise CheckpointError(f"{folder}: quantizer_type {config.get('quantizer_type')!r} is not HART's 'var_hybrid'.")
+    if config.get("using_znorm", False) or config.get("quant_conv_ks", 3) != 3 or config.get("share_quant_resi", 4) < 2:
+        raise CheckpointError(f"{folder}: only using_znorm=False, quant_conv_ks=3 and share_quant_resi>=2 are supported.")
+    model = HARTHybridTokenizer(
+        latent_channels=config.get("z_channels", 32),
+        vocab_size=config.get("vocab_size", 4096),
+        base_channels=config.get("ch", 160),
+        channel_multipliers=tuple(config.get("ch_mult", (1, 1, 2, 2, 4))),
+        quant_resi=config.get("quant_resi", 0.5),
+        num_phi=config.get("share_quant_resi", 4),
+        patch_nums=patch_nums,
+    )
+    state = map_official_tokenizer_state(load_state_dict(folder, ["model.safetensors", "pytorch_model.bin"]))
+    _check_keys("tokenizer", model, state)
+    model.load_state_dict(state)
+    return model
+
+
+def convert_official(src: str, ema: bool = True) -> HARTComponents:
+    """Build the diffusers components from an official checkpoint folder (in memory)."""
+    llm, tokenizer_folder = _locate(src)
+    config = _read_config(llm, {"hart_transformer_t2i"})
+    flags = {k: config.get(k, OFFICIAL_FLAG_DEFAULTS[k]) for k in REQUIRED_TRANSFORMER_FLAGS}
+    wrong = {k: v for k, v in flags.items() if v != REQUIRED_TRANSFORMER_FLAGS[k]}
+    if wrong:
+        raise CheckpointError(f"{llm}: unsupported architecture flags {wrong}; HART needs {REQUIRED_TRANSFORMER_FLAGS}.")
+    if config.get("sampler", "iddpm") != "iddpm":
+        raise CheckpointError(f"{llm}: residual sampler {config['sampler']!r} is not supported (only 'iddpm').")
+    patch_nums = tuple(config.get("patch_nums", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)))
+    vae = convert_tokenizer(tokenizer_folder, patch_nums)
+
+    names = ["ema_model.safetensors", "ema_model.bin"] if ema else ["model.safetensors", "pytorch_model.bin"]
+    raw = load_state_dict(llm, names)
+    transformer = HARTTransformer(
+        latent_channels=vae.config.latent_channels,
+        vocab_size=vae.config.vocab_size,
+        embed_dim=config.get("embed_dim", 1024),
+        num_layers=config.get("depth", 16),
+        num_heads=config.get("num_heads", 16),
+        mlp_ratio=config.get("mlp_ratio", 4.0),
+        norm_eps=config.get("norm_eps", 1e-6),
+        context_tokens=config.get("context_token", 77),
+        context_dim=config.get("context_dim", 768),
+        patch_nums=patch_nums,
+    )
+    head = HARTResidualHead(
+        latent_channels=vae.config.latent_channels,
+        condition_dim=transformer.config.embed_dim,
+        width=config.get("diff_width", 1024),
+        num_layers=config.get("diff_depth", 6),
+    )
+    trunk_state, head_state = split_official_transformer_state(raw)
+    _check_keys("transformer", transformer, trunk_state)
+    _check_keys("residual head", head, head_state)
+    transformer.load_state_dict(trunk_state)
+    head.load_state_dict(head_state)
+    return HARTComponents(transformer=transformer, residual_head=head, vae=vae, scheduler=HARTResidualScheduler())
+
+
+def convert(src: str, dst: str, ema: bool = True) -> HARTComponents:
+    """Convert ``src`` (official layout) and save one subfolder per component under ``dst`` (safetensors)."""
+    components = convert_official(src, ema=ema)
+    for name in ("transformer", "residual_head", "vae"):
+        getattr(components, name).save_pretrained(os.path.join(dst, name), safe_serialization=True)
+    components.scheduler.save_pretrained(os.path.join(dst, "scheduler"))
+    return components
+
+
+def main(argv: Optional[Iterable[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hart_pipeline.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="official checkpoint folder (with llm/ and tokenizer/) or its llm/ folder")
+    parser.add_argument("dst", help="output folder (diffusers layout)")
+    parser.add_argument("--ema", dest="ema", action="store_true", default=True, help="use llm/ema_model.bin (default)")
+    parser.add_argument("--no-ema", dest="ema", action="store_false", help="use llm/pytorch_model.bin instead")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.src, args.dst, ema=args.ema)
+    except CheckpointError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"Converted {args.src} -> {args.dst}")
+
+
+if __name__ == "__main__":
+    main()

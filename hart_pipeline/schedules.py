@@ -1,0 +1,39 @@
+"""Patch schedules (``patch_nums``): the side length of every token map, coarse to fine.
+
+HART generates ``len(patch_nums)`` scales; the last one equals the latent side (image side / 16).
+"""
+
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+
+PATCH_NUMS: Dict[int, Tuple[int, ...]] = {
+    1024: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),  # released hart-0.7b-1024px
+    512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),  # VAR-512 schedule
+    256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),  # VAR default schedule
+}
+
+
+def patch_nums_for_resolution(resolution: int) -> Tuple[int, ...]:
+    """The patch schedule for a square image side; raises a ValueError naming the valid sides."""
+    if resolution not in PATCH_NUMS:
+        valid = ", ".join(str(r) for r in sorted(PATCH_NUMS))
+        raise ValueError(f"HART generates square images of side {valid}; got {resolution}.")
+    return PATCH_NUMS[resolution]
+
+
+def phi_index(scale_index: int, num_scales: int, num_phi: int = 4) -> int:
+    """Which of the ``num_phi`` shared phi convs refines scale ``scale_index`` (VAR's partial sharing).
+
+    The convs sit at ticks evenly spread over (0, 1) (margins ``1/(3K)`` for K = 4, else ``1/(2K)``,
+    as in VAR); a scale takes the tick nearest to ``scale_index / (num_scales - 1)``, the first on ties.
+    """
+    margin = 1 / 3 / num_phi if num_phi == 4 else 1 / 2 / num_phi
+    ticks = np.linspace(margin, 1 - margin, num_phi)
+    position = scale_index / (num_scales - 1) if num_scales > 1 else 0.0
+    return int(np.argmin(np.abs(ticks - position)))
+
+
+def num_tokens(patch_nums: Sequence[int]) -> int:
+    """Total number of image tokens over all scales."""
+    return sum(pn * pn for pn in patch_nums)
