@@ -123,6 +123,7 @@ def generate_tokens(
     top_p: float = 0.0,
     smooth: bool = True,
     generator: Optional[torch.Generator] = None,
+    prefix_indices: Optional[Sequence[torch.Tensor]] = None,
     callback: Optional[Callable[[int, int], None]] = None,
 ) -> HARTTokens:
     """The AR stage: predict every scale's discrete tokens with classifier-free guidance.
@@ -133,6 +134,9 @@ def generate_tokens(
             hidden states with position ids 0.
         patch_nums: patch schedule; defaults to the transformer's.
         top_k: None = the official schedule (600, then 300 from scale 7); 0 disables top-k.
+        prefix_indices: indices (B, pn^2) of the first scales to keep instead of sampling them, e.g.
+            from ``vae.encode`` to regenerate only the fine scales of an image (teacher forcing when
+            every scale is given). No random numbers are drawn for those scales.
         callback: called as ``callback(scale_index, num_scales)`` after every scale (progress bars,
             interrupts).
     Returns:
@@ -147,6 +151,12 @@ def generate_tokens(
     quantizer = tokenizer.quantizer
     codebook = quantizer.embedding.weight
     ramp = guidance_ramp(guidance_scale, num_scales)
+    prefix = list(prefix_indices or [])
+    if len(prefix) > num_scales or any(p.shape != (B, pn * pn) for p, pn in zip(prefix, patch_nums)):
+        raise ValueError(
+            f"prefix_indices must be at most {num_scales} tensors shaped (B, pn^2) for patch_nums {patch_nums}; got "
+            f"{[tuple(p.shape) for p in prefix]}."
+        )
 
     condition = transformer.embed_context(torch.cat([context, negative_context]))  # (2B, T, C)
     position_ids = torch.cat([context_position_ids, negative_position_ids]).to(transformer.device)
@@ -162,11 +172,15 @@ def generate_tokens(
         h = transformer.forward_scale(x, si, patch_nums, position_ids, kv_cache)
         if si == 0:
             h = h[:, -1:]  # the 1x1 token is predicted from the last text position
-        logits = transformer.logits(h, modulation)
-        t = ramp[si]
-        guided = (1 + t) * logits[:B] - t * logits[B:]
-        k = default_top_k(si) if top_k is None else top_k
-        idx, tokens = sample_scale_tokens(guided, codebook, k, top_p, smooth, ratio, generator)
+        if si < len(prefix):
+            idx = prefix[si].to(codebook.device)
+            tokens = codebook[idx]
+        else:
+            logits = transformer.logits(h, modulation)
+            t = ramp[si]
+            guided = (1 + t) * logits[:B] - t * logits[B:]
+            k = default_top_k(si) if top_k is None else top_k
+            idx, tokens = sample_scale_tokens(guided, codebook, k, top_p, smooth, ratio, generator)
         indices.append(idx)
         tokens = tokens.transpose(1, 2).reshape(B, -1, pn, pn)
         f_hat = quantizer.add_scale(f_hat, tokens, si, patch_nums)
@@ -178,6 +192,18 @@ def generate_tokens(
         if callback is not None:
             callback(si, num_scales)
     return HARTTokens(indices=indices, latent=f_hat, residual_condition=residual_condition, residual_guidance=ramp[-1])
+
+
+def guided_head_output(head: HARTResidualHead, x: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor,
+                       guidance_scale: float) -> torch.Tensor:
+    """Guided ``[eps | v]`` (N, 2 Cv) for noisy residuals x (N, Cv) under conditions (2N, C) [cond; uncond].
+
+    The head runs on ``[x; x]``; eps is mixed as ``(1 + g) eps_c - g eps_u``; v stays the conditional one.
+    """
+    N, channels = x.shape
+    out = head(torch.cat([x, x]).to(head.dtype), timestep, condition.to(head.dtype)).float()
+    eps = (1 + guidance_scale) * out[:N, :channels] - guidance_scale * out[N:, :channels]
+    return torch.cat([eps, out[:N, channels:]], dim=-1)
 
 
 @torch.no_grad()
@@ -215,12 +241,8 @@ def sample_residual(
     x = randn(N if guided else 2 * N)[:N]
     condition = condition.to(dtype) if guided else condition[:N].to(dtype)
     for i, t in enumerate(scheduler.timesteps):
-        model_input = torch.cat([x, x]) if guided else x
-        timestep = torch.full((model_input.shape[0],), int(t), device=device, dtype=torch.long)
-        out = head(model_input.to(dtype), timestep, condition).float()
-        if guided:
-            eps = (1 + guidance_scale) * out[:N, :channels] - guidance_scale * out[N:, :channels]
-            out = torch.cat([eps, out[:N, channels:]], dim=-1)
+        timestep = torch.full((2 * N if guided else N,), int(t), device=device, dtype=torch.long)
+        out = guided_head_output(head, x, timestep, condition, guidance_scale) if guided else head(x.to(dtype), timestep, condition).float()
         x = scheduler.step(out, t, x, noise=randn(2 * N)[:N], temperature=temperature).prev_sample
         if callback is not None:
             callback(i, len(scheduler.timesteps))
@@ -248,6 +270,7 @@ def add_residual(
                       residual_condition=tokens.residual_condition, residual_guidance=g)
 
 
+@torch.no_grad()
 def decode_tokens(tokenizer: HARTHybridTokenizer, tokens: HARTTokens, discrete_only: bool = False) -> torch.Tensor:
     """Hybrid tokens -> images in [0, 1] (B, 3, H, W); ``discrete_only`` drops the residual."""
     latent = tokens.latent if discrete_only or tokens.residual is None else tokens.latent + tokens.residual

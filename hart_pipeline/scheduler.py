@@ -77,9 +77,9 @@ class HARTResidualScheduler(SchedulerMixin, ConfigMixin):
                 f"num_inference_steps must be between 2 and {self.config.num_train_timesteps}; got {num_inference_steps}."
             )
         kept = respaced_timesteps(self.config.num_train_timesteps, num_inference_steps)
-        abar_full = self.alphas_cumprod.numpy()
-        abar = abar_full[kept]
-        betas = 1.0 - abar / np.append(1.0, abar[:-1])
+        kept_abar = self.alphas_cumprod.numpy()[kept]
+        betas = 1.0 - kept_abar / np.append(1.0, kept_abar[:-1])
+        abar = np.cumprod(1.0 - betas)  # recomputed from the respaced betas, as the official code does
         abar_prev = np.append(1.0, abar[:-1])
         posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
         # the posterior variance is 0 at the first step: its log is clipped to the next one
