@@ -1,6 +1,7 @@
 """HART (Hybrid Autoregressive Transformer) as native diffusers components."""
 
 from .models import HARTHybridTokenizer, HARTResidualHead, HARTTransformer, HybridTokens
+from .pipeline_hart import HARTPipeline, HARTPipelineOutput
 from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens, sample_residual
 from .scheduler import HARTResidualScheduler
 from .schedules import PATCH_NUMS, patch_nums_for_resolution
@@ -10,6 +11,8 @@ __version__ = "0.1.0"
 __all__ = [
     "PATCH_NUMS",
     "HARTHybridTokenizer",
+    "HARTPipeline",
+    "HARTPipelineOutput",
     "HARTResidualHead",
     "HARTResidualScheduler",
     "HARTTokens",

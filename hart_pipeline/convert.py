@@ -213,13 +213,49 @@ def convert_official(src: str, ema: bool = True) -> HARTComponents:
     return HARTComponents(transformer=transformer, residual_head=head, vae=vae, scheduler=HARTResidualScheduler())
 
 
-def convert(src: str, dst: str, ema: bool = True) -> HARTComponents:
-    """Convert ``src`` (official layout) and save one subfolder per component under ``dst`` (safetensors)."""
+def convert(src: str, dst: str, ema: bool = True, text_encoder: Optional[str] = None,
+            push_to_hub: Optional[str] = None):
+    """Convert ``src`` (official layout) to a complete ``HARTPipeline`` folder ``dst`` and return the pipeline.
+
+    Args:
+        text_encoder: a folder (or Hub id) with the Qwen2 text model and its tokenizer
+            (``mit-han-lab/Qwen2-VL-1.5B-Instruct`` for the released model), saved into the pipeline;
+            without it the pipeline has no text encoder and is given one at ``from_pretrained``.
+        push_to_hub: a Hub repo id to upload the converted folder to.
+    """
+    from .hub import write_model_card
+    from .pipeline_hart import HARTPipeline
+
     components = convert_official(src, ema=ema)
-    for name in ("transformer", "residual_head", "vae"):
-        getattr(components, name).save_pretrained(os.path.join(dst, name), safe_serialization=True)
-    components.scheduler.save_pretrained(os.path.join(dst, "scheduler"))
-    return components
+    tokenizer = encoder = None
+    if text_encoder is not None:
+        from transformers import AutoModel, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(text_encoder)
+        encoder = AutoModel.from_pretrained(text_encoder)
+        if encoder.config.hidden_size != components.transformer.config.context_dim:
+            raise CheckpointError(
+                f"The text encoder {text_encoder} has hidden size {encoder.config.hidden_size}; the transformer "
+                f"expects context_dim={components.transformer.config.context_dim}."
+            )
+    pipe = HARTPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=components.vae,
+                        transformer=components.transformer, residual_head=components.residual_head,
+                        scheduler=components.scheduler, use_system_prompt=True)
+    pipe.save_pretrained(dst, safe_serialization=True)
+    size = pipe.default_size
+    write_model_card(
+        dst, title=f"HART ({os.path.basename(os.path.abspath(src.rstrip('/')))}) for diffusers",
+        description=f"Converted from the official HART checkpoint layout ({'EMA' if ema else 'non-EMA'} weights) with "
+                    "`python -m hart_pipeline.convert`." + ("" if encoder is not None else
+                    " The text encoder is not included: pass `text_encoder=` and `tokenizer=` "
+                    "(Qwen2-VL-1.5B-Instruct for the released model) to `from_pretrained`."),
+        repo_id=push_to_hub or dst, size=size, base_model="mit-han-lab/hart-0.7b-1024px",
+    )
+    if push_to_hub:
+        from huggingface_hub import upload_folder
+
+        upload_folder(repo_id=push_to_hub, folder_path=dst)
+    return pipe
 
 
 def main(argv: Optional[Iterable[str]] = None) -> None:
@@ -228,9 +264,11 @@ def main(argv: Optional[Iterable[str]] = None) -> None:
     parser.add_argument("dst", help="output folder (diffusers layout)")
     parser.add_argument("--ema", dest="ema", action="store_true", default=True, help="use llm/ema_model.bin (default)")
     parser.add_argument("--no-ema", dest="ema", action="store_false", help="use llm/pytorch_model.bin instead")
+    parser.add_argument("--text-encoder", help="Qwen2 text model folder or Hub id to include in the pipeline")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this Hub repo")
     args = parser.parse_args(argv)
     try:
-        convert(args.src, args.dst, ema=args.ema)
+        convert(args.src, args.dst, ema=args.ema, text_encoder=args.text_encoder, push_to_hub=args.push_to_hub)
     except CheckpointError as e:
         parser.exit(2, f"error: {e}\n")
     print(f"Converted {args.src} -> {args.dst}")

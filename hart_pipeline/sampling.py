@@ -124,7 +124,7 @@ def generate_tokens(
     smooth: bool = True,
     generator: Optional[torch.Generator] = None,
     prefix_indices: Optional[Sequence[torch.Tensor]] = None,
-    callback: Optional[Callable[[int, int], None]] = None,
+    callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
 ) -> HARTTokens:
     """The AR stage: predict every scale's discrete tokens with classifier-free guidance.
 
@@ -137,8 +137,8 @@ def generate_tokens(
         prefix_indices: indices (B, pn^2) of the first scales to keep instead of sampling them, e.g.
             from ``vae.encode`` to regenerate only the fine scales of an image (teacher forcing when
             every scale is given). No random numbers are drawn for those scales.
-        callback: called as ``callback(scale_index, num_scales)`` after every scale (progress bars,
-            interrupts).
+        callback: called as ``callback(scale_index, num_scales, f_hat)`` after every scale, with the
+            running latent (B, Cv, h, w) (progress bars, interrupts, previews; in-place edits are kept).
     Returns:
         :class:`HARTTokens` without the residual, with the residual head's condition.
     """
@@ -184,13 +184,12 @@ def generate_tokens(
         indices.append(idx)
         tokens = tokens.transpose(1, 2).reshape(B, -1, pn, pn)
         f_hat = quantizer.add_scale(f_hat, tokens, si, patch_nums)
+        if callback is not None:
+            callback(si, num_scales, f_hat)
         if si < num_scales - 1:
             x = transformer.embed_scale(quantizer.next_scale_input(f_hat, patch_nums[si + 1]), levels[si + 1]).repeat(2, 1, 1)
         else:
-            hard = codebook[idx].repeat(2, 1, 1)
-            residual_condition = transformer.residual_condition(h, hard)
-        if callback is not None:
-            callback(si, num_scales)
+            residual_condition = transformer.residual_condition(h, codebook[idx].repeat(2, 1, 1))
     return HARTTokens(indices=indices, latent=f_hat, residual_condition=residual_condition, residual_guidance=ramp[-1])
 
 

@@ -64,3 +64,38 @@ def text_condition(batch: int = 2, tokens: int = 8, dim: int = 32, seed: int = 0
     lengths = torch.tensor([tokens - 3 * (i % 2) for i in range(batch)])
     mask = torch.arange(tokens)[None] < lengths[:, None]
     return context, mask.long().cumsum(1) - 1
+
+
+WORDS = ["a", "an", "the", "red", "green", "blue", "circle", "square", "triangle", "above", "below", "left", "right",
+         "of", "lemur", "in", "magician", "hat", "two", "three", "and"]
+
+
+def tiny_text_tokenizer():
+    """A word-level fast tokenizer built offline (no hub download), with a pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    for ch in ":,.\"-!>":
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_text_encoder(hidden_size: int = 32, seed: int = 0):
+    """A 1-layer random Qwen2 body (the released model's text-encoder family)."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=64, hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+    return Qwen2Model(config).eval()
+
+
+def tiny_pipeline(patch_nums=TINY_PATCH_NUMS, use_system_prompt: bool = True):
+    from hart_pipeline import HARTPipeline
+
+    return HARTPipeline(tokenizer=tiny_text_tokenizer(), text_encoder=tiny_text_encoder(), vae=tiny_vae(patch_nums),
+                        transformer=tiny_transformer(patch_nums), residual_head=tiny_head(),
+                        scheduler=HARTResidualScheduler(), use_system_prompt=use_system_prompt)

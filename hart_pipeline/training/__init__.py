@@ -1,0 +1,26 @@
+"""Training code for HART components (tokenizer, transformer + residual head) on CPU or GPU(s).
+
+The trainers are ``python -m hart_pipeline.training.train_tokenizer`` and
+``python -m hart_pipeline.training.train_transformer``; see ``examples/training/README.md``.
+"""
+
+from .data import SyntheticShapesDataset, collate
+from .losses import (
+    diffusion_loss,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    tokenizer_loss,
+    transformer_loss,
+)
+from .utils import EMA
+
+__all__ = [
+    "EMA",
+    "SyntheticShapesDataset",
+    "collate",
+    "diffusion_loss",
+    "discretized_gaussian_log_likelihood",
+    "normal_kl",
+    "tokenizer_loss",
+    "transformer_loss",
+]

@@ -1,0 +1,272 @@
+"""Training losses of the HART components.
+
+* :func:`tokenizer_loss` -- reconstruction (L1 + L2) + VQ (codebook + commitment) loss of the hybrid
+  tokenizer over the multi-scale residual quantizer, straight-through estimator, and HART's
+  *alternating decoder input*: each step the decoder sees, with probability ``continuous_prob``
+  (0.5), the full continuous latent (discrete scales + continuous residual), otherwise the
+  discrete-only latent (official ``skip_continuous_prob = 0.5``). The choice is returned.
+* :func:`transformer_loss` -- teacher-forced next-scale cross-entropy over all scales + the residual
+  diffusion loss (iDDPM: MSE on eps + VB term of the learned-range variance) on a random subset
+  (``keep_fraction``, default 20%) of the final-scale tokens, with classifier-free-guidance
+  condition dropout.
+* :func:`diffusion_loss` -- the iDDPM loss itself, from :class:`HARTResidualScheduler` tables at
+  1000 steps; :func:`normal_kl` / :func:`discretized_gaussian_log_likelihood` are its helpers.
+
+Deviations from the official trainer (documented):
+* the residual head is conditioned on the **ground-truth** last-scale indices (target =
+  ``residual / residual_scale``), whereas the official ``forward_diff_loss`` samples the last
+  scale from the model's own logits and uses that sample's codebook vectors;
+* token dropping keeps the whole sequence in the transformer pass (the CE loss covers every token)
+  and only sub-samples the final-scale positions that supervise the diffusion head; the official
+  model removes the dropped tokens from the sequence (mask rate ~ truncnorm on [0.5, 1]);
+* dropped (unconditional) rows get all-zero text states **and** position ids 0, the convention the
+  sampler uses for the unconditional branch.
+* the quantizer follows the AR convention (no phi on the last scale), also during tokenizer
+  training (the official ``HARTHybridQuantizer.forward`` applies phi to the last scale as well).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..models.residual_head import HARTResidualHead
+from ..models.tokenizer import HARTHybridTokenizer
+from ..models.transformer import HARTTransformer
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+@dataclass
+class TokenizerLossOutput:
+    loss: torch.Tensor  # total = recon + vq_weight * vq
+    recon_loss: torch.Tensor  # l1_weight * L1 + l2_weight * L2 on the image
+    vq_loss: torch.Tensor  # mean over scales of beta * commitment + codebook term
+    used_continuous: bool  # True: the decoder saw f_hat + continuous residual; False: discrete only
+    reconstruction: torch.Tensor  # (B, 3, H, W) decoder output (unclamped)
+    indices: List[torch.Tensor]  # per-scale (B, pn^2) indices
+    lookup_inputs: torch.Tensor  # (N, Cv) detached vectors that were quantised (for dead-code restarts)
+
+
+def tokenizer_loss(
+    tokenizer: HARTHybridTokenizer,
+    images: torch.Tensor,
+    patch_nums: Optional[Sequence[int]] = None,
+    beta: float = 0.25,
+    l1_weight: float = 1.0,
+    l2_weight: float = 1.0,
+    vq_weight: float = 1.0,
+    continuous_prob: float = 0.5,
+    use_continuous: Optional[bool] = None,
+    generator: Optional[torch.Generator] = None,
+) -> TokenizerLossOutput:
+    """Hybrid tokenizer training loss for images (B, 3, H, W) in [-1, 1].
+
+    ``use_continuous`` forces the decoder input (None: random with probability ``continuous_prob``,
+    drawn from ``generator`` / the global torch RNG).
+    """
+    patch_nums = tuple(patch_nums or tokenizer.config.patch_nums)
+    quantizer = tokenizer.quantizer
+    f = tokenizer.encode_latent(images)  # (B, Cv, h, w), with grad
+    f_no_grad = f.detach().float()
+    rest = f_no_grad.clone()
+    f_hat = torch.zeros_like(rest)
+    num_scales = len(patch_nums)
+    vq = f.new_zeros(())
+    indices, lookup_inputs = [], []
+    for si, pn in enumerate(patch_nums):
+        z = rest if si == num_scales - 1 else F.interpolate(rest, size=(pn, pn), mode="area")
+        lookup_inputs.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+        idx = quantizer.lookup(z)  # (B, pn^2), no grad
+        indices.append(idx)
+        new_f_hat = quantizer.add_scale(f_hat, quantizer.embedding(idx), si, patch_nums)  # grad -> codebook, phi
+        rest = rest - (new_f_hat - f_hat).detach()
+        f_hat = new_f_hat
+        vq = vq + beta * F.mse_loss(f_hat.detach(), f.float()) + F.mse_loss(f_hat, f_no_grad)
+    vq = vq / num_scales
+    if use_continuous is None:
+        use_continuous = bool(torch.rand((), generator=generator) < continuous_prob)
+    decoder_latent = (f_hat + rest) if use_continuous else f_hat  # rest = f - discrete part
+    # straight-through: forward value = decoder_latent, gradient flows to the encoder as identity
+    decoder_latent = (decoder_latent.detach() - f_no_grad) + f.float()
+    recon = tokenizer.decoder(tokenizer.post_quant_conv(decoder_latent.to(f.dtype)))
+    recon_loss = l1_weight * (recon - images).abs().mean() + l2_weight * F.mse_loss(recon, images)
+    return TokenizerLossOutput(
+        loss=recon_loss + vq_weight * vq,
+        recon_loss=recon_loss,
+        vq_loss=vq,
+        used_continuous=use_continuous,
+        reconstruction=recon,
+        indices=indices,
+        lookup_inputs=torch.cat(lookup_inputs).detach(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ diffusion
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise (nats)."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood (nats) of data in [-1, 1] discretised to 256 bins under N(means, exp(log_scales)^2)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+@dataclass
+class DiffusionLossOutput:
+    loss: torch.Tensor  # mean over rows of mse + vb
+    mse: torch.Tensor
+    vb: torch.Tensor
+
+
+def diffusion_loss(
+    head: HARTResidualHead,
+    tables: Dict[str, torch.Tensor],
+    x0: torch.Tensor,
+    condition: torch.Tensor,
+    timesteps: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> DiffusionLossOutput:
+    """iDDPM loss (MSE on eps + VB of the learned-range variance) for clean rows x0 (N, Cv).
+
+    ``tables``: :attr:`HARTResidualScheduler.tables` after ``set_timesteps(num_train_timesteps)``
+    (float64, indexed by the training timestep). ``t ~ U{0, ..., T-1}`` unless given.
+    """
+    N, C = x0.shape
+    T = tables["betas"].shape[0]
+    device = x0.device
+    x0 = x0.float()
+    if timesteps is None:
+        timesteps = torch.randint(0, T, (N,), generator=generator).to(device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+
+    def gather(name: str) -> torch.Tensor:
+        return tables[name].to(device)[timesteps].float()[:, None]
+
+    abar = gather("alphas_cumprod")
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    out = head(x_t.to(head.dtype), timesteps, condition.to(head.dtype)).float()
+    eps, v = out[:, :C], out[:, C:]
+    mse = (noise - eps).pow(2).mean(dim=1)
+
+    # VB term: the mean uses a frozen eps so that it only trains the variance (iDDPM)
+    frac = (v + 1) / 2
+    model_log_var = frac * gather("log_betas") + (1 - frac) * gather("posterior_log_variance_clipped")
+    pred_x0 = gather("sqrt_recip_alphas_cumprod") * x_t - gather("sqrt_recipm1_alphas_cumprod") * eps.detach()
+    coef1, coef2 = gather("posterior_mean_coef1"), gather("posterior_mean_coef2")
+    model_mean = coef1 * pred_x0 + coef2 * x_t
+    true_mean = coef1 * x0 + coef2 * x_t
+    true_log_var = gather("posterior_log_variance_clipped")
+    kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var).mean(dim=1) / math.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).mean(dim=1) / math.log(2.0)
+    vb = torch.where(timesteps == 0, nll, kl)
+    return DiffusionLossOutput(loss=(mse + vb).mean(), mse=mse.mean(), vb=vb.mean())
+
+
+# ------------------------------------------------------------------------------------------------ transformer
+@dataclass
+class TransformerLossOutput:
+    loss: torch.Tensor  # ce_loss + diffusion_weight * diffusion_loss
+    ce_loss: torch.Tensor
+    diffusion_loss: torch.Tensor
+    diffusion_mse: torch.Tensor
+    diffusion_vb: torch.Tensor
+    accuracy: torch.Tensor  # top-1 token accuracy over all scales
+    num_kept: int  # final-scale tokens per image that supervise the diffusion head
+    dropped: torch.Tensor  # (B,) bool: rows whose text condition was zeroed (CFG dropout)
+
+
+def transformer_loss(
+    transformer: HARTTransformer,
+    head: HARTResidualHead,
+    tokenizer: HARTHybridTokenizer,
+    tables: Dict[str, torch.Tensor],
+    context: torch.Tensor,
+    context_position_ids: torch.Tensor,
+    indices: Sequence[torch.Tensor],
+    residual: torch.Tensor,
+    patch_nums: Optional[Sequence[int]] = None,
+    keep_fraction: float = 0.2,
+    cond_drop_prob: float = 0.1,
+    diffusion_batch_mul: int = 4,
+    diffusion_weight: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> TransformerLossOutput:
+    """Teacher-forced CE over all scales + residual diffusion loss on kept final-scale tokens.
+
+    Args:
+        context, context_position_ids: (B, T, Ct) text states, (B, T) int64 position ids.
+        indices: ground-truth per-scale indices (B, pn^2) from ``tokenizer.encode``.
+        residual: (B, Cv, h, w) ground-truth continuous residual from ``tokenizer.encode``.
+        keep_fraction: share of final-scale tokens supervising the head (at least 1 per image).
+        cond_drop_prob: probability of zeroing a row's text condition (and its position ids).
+        diffusion_batch_mul: every kept token is repeated this many times with different t / noise.
+    """
+    patch_nums = tuple(patch_nums or transformer.config.patch_nums)
+    B = context.shape[0]
+    device = transformer.device
+    context = context.to(device)
+    position_ids = context_position_ids.to(device)
+    dropped = (torch.rand(B, generator=generator) < cond_drop_prob).to(device)
+    context = context * (~dropped)[:, None, None].to(context.dtype)
+    position_ids = position_ids.masked_fill(dropped[:, None], 0)
+    indices = [idx.to(device) for idx in indices]
+    quantizer = tokenizer.quantizer
+    with torch.no_grad():
+        scale_inputs = quantizer.teacher_forcing_input(indices, patch_nums)
+        codebook = quantizer.embedding.weight.detach()
+
+    out = transformer(context, position_ids, scale_inputs, patch_nums)
+    targets = torch.cat(indices, dim=1)  # (B, L)
+    ce = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
+    accuracy = (out.logits.argmax(-1) == targets).float().mean()
+
+    last = patch_nums[-1] ** 2
+    num_kept = max(1, min(last, int(round(keep_fraction * last))))
+    keep = torch.rand(B, last, generator=generator).argsort(dim=1)[:, :num_kept].to(device)  # (B, k)
+    h_last = out.hidden_states[:, -last:]  # (B, last, C)
+    h_kept = h_last.gather(1, keep[..., None].expand(-1, -1, h_last.shape[-1]))
+    idx_kept = indices[-1].gather(1, keep)  # (B, k)
+    res_tokens = residual.to(device).flatten(2).transpose(1, 2)  # (B, last, Cv)
+    x0 = res_tokens.gather(1, keep[..., None].expand(-1, -1, res_tokens.shape[-1])) / head.config.residual_scale
+    condition = transformer.residual_condition(h_kept, codebook[idx_kept])  # (B, k, C)
+    condition = condition.flatten(0, 1).repeat(diffusion_batch_mul, 1)
+    x0 = x0.flatten(0, 1).repeat(diffusion_batch_mul, 1)
+    diff = diffusion_loss(head, tables, x0, condition, generator=generator)
+    return TransformerLossOutput(
+        loss=ce + diffusion_weight * diff.loss,
+        ce_loss=ce,
+        diffusion_loss=diff.loss,
+        diffusion_mse=diff.mse,
+        diffusion_vb=diff.vb,
+        accuracy=accuracy,
+        num_kept=num_kept,
+        dropped=dropped,
+    )
+
+
+__all__ = [
+    "DiffusionLossOutput",
+    "TokenizerLossOutput",
+    "TransformerLossOutput",
+    "diffusion_loss",
+    "discretized_gaussian_log_likelihood",
+    "normal_kl",
+    "tokenizer_loss",
+    "transformer_loss",
+]

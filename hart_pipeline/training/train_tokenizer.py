@@ -1,0 +1,222 @@
+"""Train a HART hybrid tokenizer (VQ autoencoder + multi-scale residual quantizer) with accelerate.
+
+    python -m hart_pipeline.training.train_tokenizer --config examples/training/tokenizer_tiny.json \
+        --output_dir runs/tokenizer
+
+Writes ``<output_dir>/vae`` (``HARTHybridTokenizer.save_pretrained``, safetensors), resumable
+``<output_dir>/checkpoints/step_*`` (``accelerator.save_state``: model, optimizer, RNG, step, EMA)
+and ``<output_dir>/train_log.jsonl``. Works on one CPU / GPU or many (``accelerate launch``).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..models.tokenizer import HARTHybridTokenizer
+from .data import SyntheticShapesDataset, collate
+from .losses import tokenizer_loss
+from .utils import EMA, TrainState, latest_checkpoint, parse_with_config, prune_checkpoints, save_args
+
+
+class TokenizerTrainingModule(torch.nn.Module):
+    """Wraps the tokenizer so that ``forward`` returns the loss (DDP-friendly)."""
+
+    def __init__(self, tokenizer: HARTHybridTokenizer, **loss_kwargs):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.loss_kwargs = loss_kwargs
+
+    def forward(self, images: torch.Tensor):
+        return tokenizer_loss(self.tokenizer, images, **self.loss_kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=str, default=None, help="JSON/YAML file whose keys set these options' defaults")
+    p.add_argument("--output_dir", type=str, required=False, default="runs/tokenizer")
+    # data
+    p.add_argument("--image_size", type=int, default=64)
+    p.add_argument("--num_samples", type=int, default=50000, help="synthetic training set size")
+    p.add_argument("--data_seed", type=int, default=0)
+    # model
+    p.add_argument("--latent_channels", type=int, default=8)
+    p.add_argument("--vocab_size", type=int, default=512)
+    p.add_argument("--base_channels", type=int, default=32)
+    p.add_argument("--channel_multipliers", type=int, nargs="+", default=[1, 1, 2, 2])
+    p.add_argument("--num_res_blocks", type=int, default=1)
+    p.add_argument("--quant_resi", type=float, default=0.5)
+    p.add_argument("--num_phi", type=int, default=4)
+    p.add_argument("--patch_nums", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
+    # loss
+    p.add_argument("--beta", type=float, default=0.25, help="commitment weight")
+    p.add_argument("--l1_weight", type=float, default=1.0)
+    p.add_argument("--l2_weight", type=float, default=1.0)
+    p.add_argument("--vq_weight", type=float, default=1.0)
+    p.add_argument("--continuous_prob", type=float, default=0.5, help="P(decoder sees the continuous latent)")
+    p.add_argument("--dead_code_restart_every", type=int, default=100,
+                   help="re-initialise codes unused during this many steps from recent quantiser inputs (0: off)")
+    # optimisation
+    p.add_argument("--train_steps", type=int, default=1000)
+    p.add_argument("--max_minutes", type=float, default=0.0, help="stop (and save) after this wall time; 0: off")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--warmup_steps", type=int, default=50)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the tokenizer weights; 0: off")
+    p.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--num_threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    # bookkeeping
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--checkpoint_every", type=int, default=200)
+    p.add_argument("--keep_checkpoints", type=int, default=2)
+    p.add_argument("--resume", type=str, default=None, help="checkpoint folder, or 'latest'")
+    return p
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+@torch.no_grad()
+def restart_dead_codes(tokenizer: HARTHybridTokenizer, usage: torch.Tensor, pool: torch.Tensor, step: int) -> int:
+    """Set unused codebook rows to random recent quantiser inputs; identical on every process."""
+    dead = (usage == 0).nonzero().flatten()
+    if len(dead) == 0 or len(pool) == 0:
+        return 0
+    g = torch.Generator().manual_seed(step)
+    pick = torch.randint(0, len(pool), (len(dead),), generator=g)
+    noise = torch.randn(len(dead), pool.shape[1], generator=g) * 1e-3
+    emb = tokenizer.quantizer.embedding.weight
+    emb[dead.to(emb.device)] = (pool.cpu()[pick] + noise).to(emb.device, emb.dtype)
+    return len(dead)
+
+
+def main(argv=None):
+    args = parse_with_config(build_parser(), argv)
+    torch.set_num_threads(args.num_threads)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        save_args(args, os.path.join(args.output_dir, "train_args.json"))
+
+    tokenizer = HARTHybridTokenizer(
+        latent_channels=args.latent_channels, vocab_size=args.vocab_size, base_channels=args.base_channels,
+        channel_multipliers=tuple(args.channel_multipliers), num_res_blocks=args.num_res_blocks,
+        quant_resi=args.quant_resi, num_phi=args.num_phi, patch_nums=tuple(args.patch_nums),
+    )
+    with torch.no_grad():  # small codebook init (VAR style) so that early lookups spread out
+        tokenizer.quantizer.embedding.weight.uniform_(-1.0 / args.vocab_size, 1.0 / args.vocab_size)
+    module = TokenizerTrainingModule(
+        tokenizer, patch_nums=tuple(args.patch_nums), beta=args.beta, l1_weight=args.l1_weight,
+        l2_weight=args.l2_weight, vq_weight=args.vq_weight, continuous_prob=args.continuous_prob,
+    )
+    optimizer = torch.optim.AdamW(module.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.train_steps))
+    dataset = SyntheticShapesDataset(args.num_samples, args.image_size, args.data_seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                        num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
+    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    ema = None
+    if args.ema_decay > 0:
+        ema = EMA(accelerator.unwrap_model(module).tokenizer, args.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+
+    resume = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+    if resume:
+        accelerator.load_state(resume)
+        accelerator.print(f"resumed from {resume} at step {state.step}")
+
+    usage = torch.zeros(args.vocab_size, device=accelerator.device)
+    pool = []
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    bar = tqdm(total=args.train_steps, initial=state.step, disable=not accelerator.is_main_process, desc="tokenizer")
+    start = time.time()
+    running = {}
+    epoch = state.step // max(1, len(loader))
+    done = state.step >= args.train_steps
+    while not done:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for batch in loader:
+            module.train()
+            out = module(batch["image"])
+            accelerator.backward(out.loss)
+            if args.grad_clip > 0:
+                accelerator.clip_grad_norm_(module.parameters(), args.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(module).tokenizer)
+            tok = accelerator.unwrap_model(module).tokenizer
+            if args.dead_code_restart_every > 0:
+                for idx in out.indices:
+                    usage += torch.bincount(idx.flatten(), minlength=args.vocab_size).float()
+                pool.append(out.lookup_inputs[torch.randperm(len(out.lookup_inputs))[:256]])
+                pool = pool[-8:]
+                if state.step % args.dead_code_restart_every == 0:
+                    all_usage = accelerator.reduce(usage, reduction="sum")
+                    all_pool = accelerator.gather(torch.cat(pool))
+                    n = restart_dead_codes(tok, all_usage, all_pool, state.step)
+                    running["restarted"] = n
+                    usage.zero_()
+            for k in ("loss", "recon_loss", "vq_loss"):
+                running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.log_every
+            running["continuous_frac"] = running.get("continuous_frac", 0.0) + float(out.used_continuous) / args.log_every
+            bar.update(1)
+            if state.step % args.log_every == 0:
+                running.update(step=state.step, lr=scheduler.get_last_lr()[0], minutes=(time.time() - start) / 60,
+                               codes_used_last_scale=int(torch.unique(out.indices[-1]).numel()))
+                bar.set_postfix(loss=f"{running['loss']:.4f}", vq=f"{running['vq_loss']:.4f}")
+                if accelerator.is_main_process:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(running) + "\n")
+                running = {}
+            out_of_time = args.max_minutes > 0 and (time.time() - start) / 60 > args.max_minutes
+            done = state.step >= args.train_steps or out_of_time
+            if state.step % args.checkpoint_every == 0 or done:
+                accelerator.wait_for_everyone()
+                accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"step_{state.step}"))
+                if accelerator.is_main_process:
+                    prune_checkpoints(args.output_dir, args.keep_checkpoints)
+            if done:
+                break
+        epoch += 1
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tok = accelerator.unwrap_model(module).tokenizer
+        if ema is not None:
+            ema.copy_to(tok)
+        tok.save_pretrained(os.path.join(args.output_dir, "vae"), safe_serialization=True)
+        with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
+            json.dump({"steps": state.step, "wall_minutes": (time.time() - start) / 60}, f, indent=2)
+        accelerator.print(f"saved {args.output_dir}/vae after {state.step} steps")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
