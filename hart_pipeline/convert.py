@@ -241,20 +241,16 @@ def convert(src: str, dst: str, ema: bool = True, text_encoder: Optional[str] = 
     pipe = HARTPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=components.vae,
                         transformer=components.transformer, residual_head=components.residual_head,
                         scheduler=components.scheduler, use_system_prompt=True)
-    pipe.save_pretrained(dst, safe_serialization=True)
-    size = pipe.default_size
+    os.makedirs(dst, exist_ok=True)
     write_model_card(
         dst, title=f"HART ({os.path.basename(os.path.abspath(src.rstrip('/')))}) for diffusers",
         description=f"Converted from the official HART checkpoint layout ({'EMA' if ema else 'non-EMA'} weights) with "
                     "`python -m hart_pipeline.convert`." + ("" if encoder is not None else
                     " The text encoder is not included: pass `text_encoder=` and `tokenizer=` "
                     "(Qwen2-VL-1.5B-Instruct for the released model) to `from_pretrained`."),
-        repo_id=push_to_hub or dst, size=size, base_model="mit-han-lab/hart-0.7b-1024px",
+        repo_id=push_to_hub or dst, size=pipe.default_size, base_model="mit-han-lab/hart-0.7b-1024px",
     )
-    if push_to_hub:
-        from huggingface_hub import upload_folder
-
-        upload_folder(repo_id=push_to_hub, folder_path=dst)
+    pipe.save_pretrained(dst, push_to_hub=bool(push_to_hub), repo_id=push_to_hub)
     return pipe
 
 

@@ -7,6 +7,7 @@ Stages: text encoding (``encode_prompt``) -> next-scale AR prediction of the dis
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -16,7 +17,9 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
+from huggingface_hub import create_repo
 
+from .hub import write_model_card
 from .models.residual_head import HARTResidualHead
 from .models.tokenizer import HARTHybridTokenizer
 from .models.transformer import HARTTransformer
@@ -120,6 +123,34 @@ class HARTPipeline(DiffusionPipeline):
             if class_name != cls.__name__:
                 raise ValueError(f"{path} holds a {class_name} pipeline, not a {cls.__name__}.")
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True, variant: Optional[str] = None,
+                        push_to_hub: bool = False, **kwargs) -> None:
+        """Save every component (safetensors), ``model_index.json`` and a model card (README.md, kept if present).
+
+        With ``push_to_hub=True`` the folder is then uploaded to ``repo_id`` (default: the folder name),
+        like diffusers pipelines, but with HART's model card.
+        """
+        hub = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
+        repo_id = hub.get("repo_id") or os.path.basename(os.path.abspath(save_directory))
+        if not os.path.isfile(os.path.join(save_directory, "README.md")):
+            write_model_card(save_directory, title=f"HART text-to-image ({repo_id})",
+                             description="A HART pipeline saved with `HARTPipeline.save_pretrained`.",
+                             repo_id=repo_id, size=self.default_size)
+        if push_to_hub:
+            repo_id = create_repo(repo_id, private=hub.get("private"), token=hub.get("token"), exist_ok=True).repo_id
+            self._upload_folder(save_directory, repo_id, token=hub.get("token"), commit_message=hub.get("commit_message"),
+                                create_pr=hub.get("create_pr", False))
+
+    def push_to_hub(self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None,
+                    token: Optional[str] = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: Optional[str] = None, **kwargs) -> str:
+        """Upload the pipeline (components, ``model_index.json``, HART model card) to the Hub repo ``repo_id``."""
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant, repo_id=repo_id)
+            return self._upload_folder(tmp, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
 
     # ------------------------------------------------------------------------------------------------ sizes
     @property

@@ -189,3 +189,43 @@ def test_cli_generate_writes_png(pipe, tmp_path):
     assert PIL.Image.open(out).size == (64, 64)
     bad = subprocess.run(cmd[:-4] + ["--size", "100"], capture_output=True, text=True)
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+class _Repo:
+    def __init__(self, repo_id):
+        self.repo_id = repo_id
+
+
+def test_push_to_hub_uploads_components_index_and_card(pipe, monkeypatch):
+    """Hub calls are intercepted (no network in tests): what would be uploaded is checked."""
+    import hart_pipeline.pipeline_hart as module
+
+    uploaded = {}
+
+    def fake_upload(self, folder, repo_id, **kwargs):
+        uploaded[repo_id] = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+        with open(os.path.join(folder, "README.md")) as f:
+            uploaded["card"] = f.read()
+
+    monkeypatch.setattr(module, "create_repo", lambda repo_id, **kw: _Repo("user/" + repo_id.split("/")[-1]))
+    monkeypatch.setattr(HARTPipeline, "_upload_folder", fake_upload)
+    pipe.push_to_hub("tiny-hart")
+    files = uploaded["user/tiny-hart"]
+    assert "model_index.json" in files and "README.md" in files
+    for component in ("transformer", "residual_head", "vae"):
+        assert f"{component}/diffusion_pytorch_model.safetensors" in files
+    assert "user/tiny-hart" in uploaded["card"] and "library_name: diffusers" in uploaded["card"]
+
+
+def test_model_classes_push_to_hub(pipe, monkeypatch):
+    from diffusers.utils import hub_utils
+
+    uploaded = []
+    monkeypatch.setattr(hub_utils, "create_repo", lambda repo_id, **kw: _Repo(repo_id))
+    monkeypatch.setattr(hub_utils, "load_or_create_model_card", lambda *a, **kw: hub_utils.ModelCard("---\nlibrary_name: diffusers\n---\n"))
+    monkeypatch.setattr(hub_utils.PushToHubMixin, "_upload_folder",
+                        lambda self, folder, repo_id, **kw: uploaded.append((repo_id, sorted(os.listdir(folder)))))
+    for name in ("transformer", "residual_head", "vae"):
+        getattr(pipe, name).push_to_hub(f"user/{name}")
+    assert [u[0] for u in uploaded] == ["user/transformer", "user/residual_head", "user/vae"]
+    assert all("diffusion_pytorch_model.safetensors" in files and "config.json" in files for _, files in uploaded)

@@ -1,0 +1,132 @@
+"""HARTHybridTokenizer: encode/decode shapes, hybrid reconstruction identity, and input validation."""
+
+import pytest
+import torch
+
+from conftest import tiny_vae
+
+PATCH_8 = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def _images(batch, side, seed=0):
+    return torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def vae4():
+    return tiny_vae()
+
+
+@pytest.fixture(scope="module")
+def vae8():
+    return tiny_vae(PATCH_8, seed=1)
+
+
+@pytest.mark.parametrize("side, patch_nums", [(64, (1, 2, 3, 4)), (128, PATCH_8)])
+def test_encode_decode_shapes(vae4, vae8, side, patch_nums):
+    vae = vae4 if side == 64 else vae8
+    images = _images(2, side)
+    with torch.no_grad():
+        tokens = vae.encode(images)  # default schedule = the configured one
+        latent = vae.encode_latent(images)
+        hybrid = vae.decode(tokens.indices, tokens.residual).sample
+        discrete = vae.decode(tokens.indices).sample
+    last = patch_nums[-1]
+    assert latent.shape == (2, 16, last, last)
+    assert [tuple(i.shape) for i in tokens.indices] == [(2, pn * pn) for pn in patch_nums]
+    assert all(i.dtype == torch.int64 and 0 <= i.min() and i.max() < 1024 for i in tokens.indices)
+    assert tokens.residual.shape == (2, 16, last, last)
+    assert hybrid.shape == discrete.shape == (2, 3, side, side)
+    assert hybrid.abs().max() <= 1 and discrete.abs().max() <= 1
+    # the codes are informative: more than one code is used at the last scale
+    assert tokens.indices[-1].unique().numel() > 1
+
+
+@pytest.mark.parametrize("side", [64, 128])
+def test_hybrid_decode_reconstructs_continuous_latent(vae4, vae8, side):
+    vae = vae4 if side == 64 else vae8
+    images = _images(2, side, seed=3)
+    with torch.no_grad():
+        tokens = vae.encode(images)
+        latent = vae.encode_latent(images)
+        fhat = vae.quantizer.indices_to_latent(tokens.indices, vae.config.patch_nums)
+        assert (fhat + tokens.residual - latent).abs().max() <= 1e-5
+        hybrid = vae.decode(tokens.indices, tokens.residual).sample
+        reference = vae.decode_latent(latent)
+        discrete = vae.decode(tokens.indices).sample
+    assert (hybrid - reference).abs().max() <= 1e-5
+    assert (discrete - reference).abs().max() > 1e-3  # the residual carries real information
+    assert tokens.residual.abs().max() > 1e-3
+
+
+def test_explicit_patch_nums_and_return_tuple(vae4):
+    images = _images(1, 64)
+    with torch.no_grad():
+        indices, residual = vae4.encode(images, patch_nums=(2, 4), return_dict=False)
+        (image,) = vae4.decode(indices, residual, return_dict=False)
+    assert [tuple(i.shape) for i in indices] == [(1, 4), (1, 16)]
+    assert image.shape == (1, 3, 64, 64)
+
+
+def test_teacher_forcing_input_matches_running_latent(vae4):
+    """Input of scale si+1 = area-downsampled sum of the contributions of scales 0..si."""
+    images = _images(2, 64)
+    pns = (1, 2, 3, 4)
+    with torch.no_grad():
+        tokens = vae4.encode(images)
+        inputs = vae4.quantizer.teacher_forcing_input(tokens.indices, pns)
+        assert inputs.shape == (2, 4 + 9 + 16, 16)
+        partial = vae4.quantizer.indices_to_latent(tokens.indices[:3], pns)  # scales 0..2, none is the last
+        last_input = torch.nn.functional.interpolate(partial, size=(4, 4), mode="area").flatten(2).transpose(1, 2)
+    assert torch.allclose(inputs[:, -16:], last_input, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- validation
+def test_wrong_channel_count(vae4):
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        vae4.encode(torch.zeros(1, 4, 64, 64))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        vae4.encode_latent(torch.zeros(3, 64, 64))
+
+
+def test_side_not_multiple_of_16(vae4):
+    with pytest.raises(ValueError, match="multiples of 16.*72x72"):
+        vae4.encode(torch.zeros(1, 3, 72, 72))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        vae4.encode_latent(torch.zeros(1, 3, 64, 40))
+
+
+def test_non_square_image(vae4):
+    with pytest.raises(ValueError, match="square"):
+        vae4.encode(torch.zeros(1, 3, 64, 32))
+
+
+def test_patch_nums_must_end_with_latent_side(vae4):
+    with pytest.raises(ValueError, match=r"must end with 4; got \(1, 2, 3\)"):
+        vae4.encode(_images(1, 64), patch_nums=(1, 2, 3))
+    with pytest.raises(ValueError, match=r"\[1, 4\]"):
+        vae4.encode(_images(1, 64), patch_nums=(1, 5, 4))
+    # the configured schedule (last side 4) does not fit a 128px image and 128 has no standard schedule
+    with pytest.raises(ValueError, match=r"must end with 8"):
+        vae4.encode(_images(1, 128))
+
+
+def test_wrong_indices_shapes(vae4):
+    good = [torch.zeros(2, pn * pn, dtype=torch.long) for pn in (1, 2, 3, 4)]
+    with pytest.raises(ValueError, match="at least one scale"):
+        vae4.decode([])
+    with pytest.raises(ValueError, match=r"indices\[2\] has 8 tokens"):
+        vae4.decode(good[:2] + [torch.zeros(2, 8, dtype=torch.long)] + good[3:])
+    with pytest.raises(ValueError, match=r"indices\[1\] must be an integer tensor of shape \(2, pn \* pn\)"):
+        vae4.decode(good[:1] + [torch.zeros(3, 4, dtype=torch.long)] + good[2:])
+    with pytest.raises(ValueError, match=r"indices\[0\]"):
+        vae4.decode([torch.zeros(2, 1, 1, dtype=torch.long)] + good[1:])
+    with pytest.raises(ValueError, match=r"indices\[3\].*float32"):
+        vae4.decode(good[:3] + [torch.zeros(2, 16)])
+    with pytest.raises(ValueError, match=r"`residual` must have shape \(2, 16, 4, 4\)"):
+        vae4.decode(good, residual=torch.zeros(2, 16, 8, 8))
+
+
+def test_decode_latent_wrong_channels(vae4):
+    with pytest.raises(ValueError, match=r"\(B, 16, h, w\)"):
+        vae4.decode_latent(torch.zeros(1, 3, 4, 4))
