@@ -207,7 +207,7 @@ def test_save_load_round_trip(tmp_path):
 
     context, position_ids = text_condition()
     inputs = torch.randn(2, 29, 16, generator=torch.Generator().manual_seed(1))
-    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
     x, t, c = torch.randn(3, 16), torch.tensor([0, 500, 999]), torch.randn(3, 64)
     with torch.no_grad():
         assert torch.equal(transformer(context, position_ids, inputs).logits,

@@ -1,7 +1,7 @@
 """Building blocks shared by the HART transformer and the residual diffusion head.
 
-Plain PyTorch reference implementations; numerics follow the official code (fp32 statistics in
-RMSNorm, fp32 rotary tables cast to the activation dtype).
+Numerics follow the official code (fp32 statistics in RMSNorm, fp32 rotary tables cast to the
+activation dtype); the hot ops dispatch to :mod:`hart_pipeline.kernels`.
 """
 
 import math
@@ -9,6 +9,8 @@ from typing import Tuple
 
 import torch
 import torch.nn as nn
+
+from .. import kernels
 
 
 class RMSNorm(nn.Module):
@@ -24,9 +26,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)`` in one pass."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -53,14 +57,9 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(sinusoidal_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x * cos + rotate_half(x) * sin`` for x (B, H, L, hd) and tables (B, L, hd)."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    return kernels.rope(x, cos, sin)
 
 
 def text_rope(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:

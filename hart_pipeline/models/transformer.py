@@ -12,7 +12,7 @@ diffusion head, which is :class:`~hart_pipeline.models.residual_head.HARTResidua
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
+from .. import kernels
 from ..schedules import PATCH_NUMS
 from .layers import RMSNorm, TimestepEmbedding, apply_rope, image_positions, image_rope, text_rope
 
@@ -60,6 +61,7 @@ class HARTAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
+        self.backend = "sdpa"
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}.")
         self.num_heads = num_heads
@@ -71,7 +73,7 @@ class HARTAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Optional[KVCache] = None,
-                layer: int = 0, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                layer: int = 0, block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x, self.qkv_proj.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
@@ -79,7 +81,7 @@ class HARTAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        out = kernels.attention(q, k, v, self.scale, self.backend, block_ends)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -106,9 +108,9 @@ class HARTBlock(nn.Module):
         self.ffn = HARTFeedForward(dim, hidden_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Optional[KVCache] = None,
-                layer: int = 0, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_wo_grad(x), cos, sin, kv_cache, layer, attn_mask)
-        return x + self.ffn(self.ln_wo_grad(x))
+                layer: int = 0, block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
+        h, x = self.ln_wo_grad.add_forward(self.attn(self.ln_wo_grad(x), cos, sin, kv_cache, layer, block_ends), x)
+        return x + self.ffn(h)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -232,13 +234,19 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         """Last-block hidden states (N, l, C) -> fp32 logits (N, l, V)."""
         return self.head(self.head_nm(hidden_states, modulation)).float()
 
+    def set_attention_backend(self, backend: str) -> None:
+        """Attention implementation of every block: "sdpa" (default), "xformers" or "math" (explicit)."""
+        kernels.check_backend(backend)
+        for block in self.blocks:
+            block.attn.backend = backend
+
     def run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Optional[KVCache] = None,
-                   attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
         for layer, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = self._gradient_checkpointing_func(block, x, cos, sin, kv_cache, layer, attn_mask)
+                x = self._gradient_checkpointing_func(block, x, cos, sin, kv_cache, layer, block_ends)
             else:
-                x = block(x, cos, sin, kv_cache, layer, attn_mask)
+                x = block(x, cos, sin, kv_cache, layer, block_ends)
         if kv_cache is not None:
             kv_cache.advance(x.shape[1])
         return x
@@ -301,8 +309,8 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         text_cos, text_sin = self.text_rope(context_position_ids)
         img_cos, img_sin = self.image_rope(patch_nums, range(1, num_scales), context_position_ids)
         cos, sin = torch.cat([text_cos, img_cos], 1), torch.cat([text_sin, img_sin], 1)
-        attn_mask = levels[:, None] >= levels[None, :]  # block-causal by scale, (L, L) bool
-        h = self.run_blocks(x, cos, sin, attn_mask=attn_mask)[:, T - 1:]
+        block_ends = [T + sum(pn * pn for pn in patch_nums[1:si + 1]) for si in range(num_scales)]  # block-causal
+        h = self.run_blocks(x, cos, sin, block_ends=block_ends)[:, T - 1:]
         logits = self.logits(h, self.head_modulation(condition))
         if not return_dict:
             return logits, h

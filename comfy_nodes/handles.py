@@ -1,0 +1,102 @@
+"""The objects that travel on the custom sockets: HART_MODEL, HART_CONDITIONING and HART_TOKENS."""
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+
+from hart_pipeline import HARTPipeline, HARTTokens
+
+from . import runtime
+
+HART_MODEL = "HART_MODEL"
+HART_CONDITIONING = "HART_CONDITIONING"
+HART_TOKENS = "HART_TOKENS"
+
+
+@dataclass
+class HARTModel:
+    """HART_MODEL: a loaded :class:`HARTPipeline` and where its stages run.
+
+    With ``offload`` every stage moves only the components it needs to ``device`` and puts them back on
+    ``offload_device`` (ComfyUI's ``unet_offload_device``) afterwards; otherwise all stay on ``device``.
+    """
+
+    pipe: HARTPipeline
+    name: str
+    device: torch.device
+    offload_device: torch.device
+    dtype: torch.dtype
+    offload: bool = False
+
+    @contextlib.contextmanager
+    def stage(self, *components: str):
+        modules = [getattr(self.pipe, c) for c in components if getattr(self.pipe, c, None) is not None]
+        for m in modules:
+            m.to(self.device)
+        try:
+            yield self.pipe
+        finally:
+            if self.offload and self.offload_device != self.device:
+                for m in modules:
+                    m.to(self.offload_device)
+                runtime.soft_empty_cache()
+
+    def __repr__(self) -> str:  # shown by ComfyUI in error messages
+        return f"HARTModel({self.name!r}, device={self.device}, dtype={self.dtype})"
+
+
+@dataclass
+class HARTConditioning:
+    """HART_CONDITIONING: text hidden states for the AR stage.
+
+    ``embeds`` (B, T, Ct) float32, ``position_ids`` (B, T) int64 (``cumsum(mask) - 1``, pads repeat the
+    last id, as ``HARTPipeline.encode_prompt`` returns them) and ``attention_mask`` (B, T) recovered from
+    them. ``embeds is None`` is the official unconditional branch: an all-zero condition with position
+    ids 0 shaped like the positive one (what ``generate_tokens`` does with no negative).
+    """
+
+    embeds: Optional[torch.Tensor]
+    position_ids: Optional[torch.Tensor]
+    attention_mask: Optional[torch.Tensor] = None
+    prompt: Optional[str] = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.embeds is None
+
+    @staticmethod
+    def mask_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+        """A token is real where its position id moved on (pads repeat the previous id)."""
+        first = position_ids[:, :1] == 0
+        return torch.cat([first, position_ids[:, 1:] != position_ids[:, :-1]], dim=1).long()
+
+    def rows(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(embeds, position_ids) with every prompt repeated ``batch_size`` times (``num_images_per_prompt``)."""
+        return (self.embeds.repeat_interleave(batch_size, 0), self.position_ids.repeat_interleave(batch_size, 0))
+
+
+@dataclass
+class HARTTokenHandle:
+    """HART_TOKENS: hybrid tokens plus what the next stage needs to continue exactly like the pipeline.
+
+    Attributes:
+        tokens: :class:`hart_pipeline.HARTTokens` (per-scale ``indices``, discrete ``latent``, ``residual``
+            or None, the residual head's ``residual_condition`` and ``residual_guidance``).
+        patch_nums: the token-map sides, coarse to fine.
+        generator_state: the CPU ``torch.Generator`` state right after the AR stage. ``HARTPipeline``
+            draws the AR stage and then the residual stage from ONE generator; the Residual Diffusion
+            node with ``seed = -1`` restores this state, so the chain gives the pipeline's image for
+            the same seed. None for tokens from the tokenizer's encoder.
+        seed: the AR stage's seed (informational).
+    """
+
+    tokens: HARTTokens
+    patch_nums: Tuple[int, ...]
+    generator_state: Optional[torch.Tensor] = field(default=None, repr=False)
+    seed: Optional[int] = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.indices[0].shape[0]
