@@ -1,0 +1,375 @@
+"""The HART nodes: one small function per stage, each a thin call into ``hart_pipeline``.
+
+Each node is a :class:`NodeSpec` (inputs, outputs, tooltips) plus its function; ``registration.py``
+turns the same specs into classic (``INPUT_TYPES``) and ``comfy_api`` (``io.ComfyNode``) node classes.
+No algorithm lives here: text encoding is ``HARTPipeline.encode_prompt``, sampling is
+``generate_tokens`` / ``add_residual``, decoding ``decode_tokens``, tokenization ``vae.encode``.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from hart_pipeline import HARTPipeline, HARTTokens, add_residual, decode_tokens, generate_tokens
+
+from . import runtime
+from .handles import HART_CONDITIONING, HART_MODEL, HART_TOKENS, HARTConditioning, HARTModel, HARTTokenHandle
+
+CATEGORY = "HART"
+BUILTIN_MODEL = "built-in default model"
+OWN_TEXT_ENCODER = "from the model folder"
+AUTO_SIZE = "auto"
+STANDARD_SIZES = ["1024", "512", "256"]
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ["auto", "cpu", "cuda"]
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+# ------------------------------------------------------------------------------------------------- specs
+@dataclass
+class In:
+    """One node input: a socket (custom types, IMAGE) or a widget (INT, FLOAT, STRING, BOOLEAN, COMBO)."""
+
+    name: str
+    type: str
+    tooltip: str
+    default: Any = None
+    min: Optional[float] = None
+    max: Optional[float] = None
+    step: Optional[float] = None
+    options: Union[None, Sequence[str], Callable[[], List[str]]] = None
+    multiline: bool = False
+    optional: bool = False
+    control_after_generate: bool = False
+
+    WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+    @property
+    def is_widget(self) -> bool:
+        return self.type in self.WIDGET_TYPES
+
+    def combo_options(self) -> List[str]:
+        return list(self.options() if callable(self.options) else self.options)
+
+
+@dataclass
+class Out:
+    type: str
+    name: str
+    tooltip: str
+
+
+@dataclass
+class NodeSpec:
+    node_id: str
+    display_name: str
+    description: str
+    inputs: List[In]
+    outputs: List[Out]
+    function: Callable[..., tuple]
+    category: str = CATEGORY
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _generator(seed: int) -> torch.Generator:
+    """A CPU generator, as HARTPipeline's users pass one: same seed, same draws on every device."""
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _to_image(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> ComfyUI IMAGE (B, H, W, 3) float32 on the CPU."""
+    return images.float().clamp(0, 1).permute(0, 2, 3, 1).contiguous().cpu()
+
+
+def _size_options() -> List[str]:
+    return [AUTO_SIZE] + STANDARD_SIZES
+
+
+def _patch_nums_of(indices: Sequence[torch.Tensor]) -> Tuple[int, ...]:
+    return tuple(math.isqrt(i.shape[1]) for i in indices)
+
+
+def _stage_callback(progress: runtime.Progress):
+    def callback(*_):
+        progress.update(1)
+        runtime.check_interrupt()  # between scales / steps: ComfyUI's Cancel stops here
+    return callback
+
+
+# ------------------------------------------------------------------------------------------------- loader
+def model_options() -> List[str]:
+    return [BUILTIN_MODEL] + runtime.list_folders(("diffusers", "official"))
+
+
+def text_encoder_options() -> List[str]:
+    return [OWN_TEXT_ENCODER] + runtime.list_folders(("text_encoder",))
+
+
+def load_model(model: str, text_encoder: str, dtype: str, device: str, offload: bool) -> Tuple[HARTModel]:
+    target = runtime.torch_device() if device == "auto" else torch.device(device)
+    torch_dtype = DTYPES[dtype]
+    if torch_dtype is None:
+        torch_dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    extra = {}
+    if text_encoder != OWN_TEXT_ENCODER:
+        from transformers import AutoModel, AutoTokenizer
+
+        path = runtime.resolve_folder(text_encoder)
+        extra = {"text_encoder": AutoModel.from_pretrained(path, dtype=torch_dtype),
+                 "tokenizer": AutoTokenizer.from_pretrained(path)}
+    if model == BUILTIN_MODEL:
+        from hart_pipeline.default_model import load_default_pipeline
+
+        pipe = load_default_pipeline(torch_dtype=torch_dtype)
+        if extra:
+            pipe.register_modules(**extra)
+    else:
+        path = runtime.resolve_folder(model)
+        if runtime.model_kind(path) == "official":
+            from hart_pipeline.convert import convert_official
+
+            parts = convert_official(path)
+            pipe = HARTPipeline(tokenizer=extra.get("tokenizer"), text_encoder=extra.get("text_encoder"),
+                                vae=parts.vae, transformer=parts.transformer, residual_head=parts.residual_head,
+                                scheduler=parts.scheduler, use_system_prompt=True).to(dtype=torch_dtype)
+        else:
+            pipe = HARTPipeline.from_pretrained(path, torch_dtype=torch_dtype, **extra)
+    offload_to = runtime.offload_device()
+    pipe.to(offload_to if offload else target)
+    return (HARTModel(pipe=pipe, name=model, device=target, offload_device=offload_to, dtype=torch_dtype,
+                      offload=offload),)
+
+
+# ------------------------------------------------------------------------------------------------- text
+def text_encode(model: HARTModel, prompt: str) -> Tuple[HARTConditioning]:
+    with model.stage("text_encoder") as pipe:
+        embeds, position_ids, _, _ = pipe.encode_prompt(prompt, device=model.device)
+    return (HARTConditioning(embeds=embeds, position_ids=position_ids,
+                             attention_mask=HARTConditioning.mask_from_position_ids(position_ids), prompt=prompt),)
+
+
+def empty_conditioning() -> Tuple[HARTConditioning]:
+    return (HARTConditioning(embeds=None, position_ids=None),)
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+def tokenizer_encode(model: HARTModel, image: torch.Tensor, resize: str) -> Tuple[HARTTokenHandle]:
+    pipe = model.pipe
+    images = image[..., :3].permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 1]
+    if resize != "none":
+        side = pipe.default_size if resize == AUTO_SIZE else int(resize)
+        h, w = images.shape[-2:]
+        crop = min(h, w)
+        top, left = (h - crop) // 2, (w - crop) // 2
+        images = images[..., top:top + crop, left:left + crop]
+        if crop != side:
+            images = F.interpolate(images, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+        images = images.clamp(0, 1)
+    with model.stage("vae") as pipe:
+        indices, residual = pipe.vae.encode(images * 2 - 1, return_dict=False)
+        patch_nums = _patch_nums_of(indices)
+        latent = pipe.vae.quantizer.indices_to_latent(indices, patch_nums)
+    return (HARTTokenHandle(tokens=HARTTokens(indices=indices, latent=latent, residual=residual),
+                            patch_nums=patch_nums),)
+
+
+def tokenizer_decode(model: HARTModel, tokens: HARTTokenHandle, discrete_only: bool) -> Tuple[torch.Tensor]:
+    with model.stage("vae") as pipe:
+        images = decode_tokens(pipe.vae, tokens.tokens, discrete_only=discrete_only)
+    return (_to_image(images),)
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance: float, top_k: int, top_p: float,
+              smooth: bool, size: str, batch_size: int, keep_scales: int,
+              negative: Optional[HARTConditioning] = None,
+              prefix: Optional[HARTTokenHandle] = None) -> Tuple[HARTTokenHandle]:
+    pipe = model.pipe
+    if positive.is_empty:
+        raise ValueError("`positive` must be a text conditioning (HART Text Encode), not the empty one.")
+    context, position_ids = positive.rows(batch_size)
+    B = context.shape[0]
+    neg_context = neg_positions = None
+    if negative is not None and not negative.is_empty:
+        neg_context, neg_positions = negative.rows(batch_size)
+        if neg_context.shape[0] == 1 and B > 1:
+            neg_context, neg_positions = neg_context.expand(B, -1, -1), neg_positions.expand(B, -1)
+        if neg_context.shape[0] != B:
+            raise ValueError(f"The negative conditioning has {neg_context.shape[0]} rows for {B} positive rows.")
+    prefix_indices = None
+    if prefix is not None and keep_scales > 0:
+        prefix_indices = [i if i.shape[0] == B else i.expand(B, -1) for i in prefix.tokens.indices[:keep_scales]]
+        if prefix.batch_size not in (1, B):
+            raise ValueError(f"The prefix tokens hold {prefix.batch_size} images; the sampler makes {B}.")
+    if size == AUTO_SIZE:
+        side = prefix.patch_nums[-1] * pipe.vae.downsample_factor if prefix is not None else pipe.default_size
+    else:
+        side = int(size)
+    patch_nums = pipe.patch_nums_for_size(side, side)
+    generator = _generator(seed)
+    progress = runtime.Progress(len(patch_nums))
+    with model.stage("transformer", "vae") as pipe:
+        dev = model.device
+        tokens = generate_tokens(
+            pipe.transformer, pipe.vae, context.to(dev), position_ids.to(dev),
+            None if neg_context is None else neg_context.to(dev), None if neg_positions is None else neg_positions.to(dev),
+            patch_nums=patch_nums, guidance_scale=guidance, top_k=None if top_k < 0 else top_k, top_p=top_p,
+            smooth=smooth, generator=generator, prefix_indices=prefix_indices, callback=_stage_callback(progress),
+        )
+    return (HARTTokenHandle(tokens=tokens, patch_nums=tuple(patch_nums), generator_state=generator.get_state(),
+                            seed=seed),)
+
+
+def residual_diffusion(model: HARTModel, tokens: HARTTokenHandle, steps: int, guidance: float,
+                       seed: int) -> Tuple[HARTTokenHandle]:
+    if tokens.tokens.residual_condition is None:
+        raise ValueError("These HART_TOKENS have no residual condition: connect the HART AR Sampler's output "
+                         "(tokens from HART Tokenizer Encode already carry their residual).")
+    if seed >= 0:
+        generator = _generator(seed)
+    elif tokens.generator_state is not None:
+        generator = torch.Generator()
+        generator.set_state(tokens.generator_state)  # continue the AR stage's stream, as HARTPipeline does
+    else:
+        generator = _generator(0)
+    progress = runtime.Progress(steps)
+    with model.stage("residual_head") as pipe:
+        out = add_residual(tokens.tokens, pipe.residual_head, pipe.scheduler, num_inference_steps=steps,
+                           guidance_scale=None if guidance < 0 else guidance, generator=generator,
+                           callback=_stage_callback(progress))
+    return (HARTTokenHandle(tokens=out, patch_nums=tokens.patch_nums, generator_state=None, seed=tokens.seed),)
+
+
+def generate(model: HARTModel, prompt: str, negative_prompt: str, seed: int, size: str, steps: int, guidance: float,
+             batch_size: int) -> Tuple[torch.Tensor]:
+    pipe = model.pipe
+    side = pipe.default_size if size == AUTO_SIZE else int(size)
+    progress = runtime.Progress(len(pipe.patch_nums_for_size(side, side)))
+
+    def on_scale(_pipe, _i, _t, _tensors):
+        progress.update(1)
+        runtime.check_interrupt()
+        return {}
+
+    with model.stage("text_encoder", "transformer", "residual_head", "vae") as pipe:
+        images = pipe(prompt, negative_prompt=negative_prompt or None, height=side, width=side,
+                      num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch_size,
+                      generator=_generator(seed), output_type="pt", callback_on_step_end=on_scale).images
+    return (_to_image(images),)
+
+
+# ------------------------------------------------------------------------------------------------- the specs
+MODEL_IN = In("model", HART_MODEL, "The HART model from HART Loader.")
+SEED_TIP = "Random seed. The same seed gives the same image as HARTPipeline(generator=torch.Generator().manual_seed(seed))."
+GUIDANCE_TIP = ("Classifier-free guidance in HART's convention (1+g)*cond - g*uncond, ramped over the scales as "
+                "in the official code (official 4.5).")
+
+NODE_SPECS: List[NodeSpec] = [
+    NodeSpec(
+        "HARTLoader", "HART Loader",
+        "Load a HART model: a folder in ComfyUI/models/hart (diffusers layout, or the official llm/ + tokenizer/ "
+        "layout, converted in memory) or the built-in small default model.",
+        [In("model", "COMBO", "A folder in ComfyUI/models/hart, or the small built-in model that ships with the pack.",
+            default=BUILTIN_MODEL, options=model_options),
+         In("text_encoder", "COMBO", "Text encoder folder (e.g. Qwen2-VL-1.5B-Instruct for the released model) in "
+            "ComfyUI/models/hart; needed for official-layout folders and converted folders saved without one.",
+            default=OWN_TEXT_ENCODER, options=text_encoder_options),
+         In("dtype", "COMBO", "Weight dtype; auto = bfloat16 on CUDA, float32 elsewhere.", default="auto",
+            options=list(DTYPES)),
+         In("device", "COMBO", "Where the model runs; auto = ComfyUI's device.", default="auto", options=DEVICES),
+         In("offload", "BOOLEAN", "Keep the weights on ComfyUI's offload device (CPU) and move each component to the "
+            "device only for its stage: less GPU memory, slower.", default=False)],
+        [Out(HART_MODEL, "model", "The HART pipeline (text encoder, AR transformer, residual head, hybrid tokenizer).")],
+        load_model,
+    ),
+    NodeSpec(
+        "HARTTextEncode", "HART Text Encode",
+        "Encode a prompt with the model's text encoder (HARTPipeline.encode_prompt).",
+        [MODEL_IN, In("prompt", "STRING", "The text prompt.", default="", multiline=True)],
+        [Out(HART_CONDITIONING, "conditioning", "Text hidden states, position ids and mask.")],
+        text_encode,
+    ),
+    NodeSpec(
+        "HARTEmptyConditioning", "HART Empty Conditioning",
+        "The official unconditional branch: an all-zero text condition with position ids 0 (the default negative).",
+        [],
+        [Out(HART_CONDITIONING, "conditioning", "The all-zero unconditional condition.")],
+        empty_conditioning,
+    ),
+    NodeSpec(
+        "HARTTokenizerEncode", "HART Tokenizer Encode",
+        "Tokenize images with HART's hybrid tokenizer (vae.encode): per-scale discrete indices + a continuous residual.",
+        [MODEL_IN, In("image", "IMAGE", "Square images; see resize."),
+         In("resize", "COMBO", "none: use the image as is (square, side a multiple of 16 with a patch schedule); "
+            "auto: center-crop and resize to the model's size; or a standard size.", default=AUTO_SIZE,
+            options=["none", AUTO_SIZE] + STANDARD_SIZES)],
+        [Out(HART_TOKENS, "tokens", "Hybrid tokens (indices per scale + residual).")],
+        tokenizer_encode,
+    ),
+    NodeSpec(
+        "HARTTokenizerDecode", "HART Tokenizer Decode",
+        "Decode hybrid tokens to images (decode_tokens).",
+        [MODEL_IN, In("tokens", HART_TOKENS, "Hybrid tokens."),
+         In("discrete_only", "BOOLEAN", "Decode only the discrete tokens, without the continuous residual.",
+            default=False)],
+        [Out("IMAGE", "image", "The decoded images.")],
+        tokenizer_decode,
+    ),
+    NodeSpec(
+        "HARTARSampler", "HART AR Sampler",
+        "Stage 1: predict the discrete tokens scale by scale (generate_tokens). Feed the result to HART Residual "
+        "Diffusion.",
+        [MODEL_IN,
+         In("positive", HART_CONDITIONING, "The prompt's conditioning."),
+         In("seed", "INT", SEED_TIP, default=0, min=0, max=MAX_SEED, control_after_generate=True),
+         In("guidance", "FLOAT", GUIDANCE_TIP, default=4.5, min=0.0, max=30.0, step=0.1),
+         In("top_k", "INT", "Top-k sampling; -1 = the official schedule (600 for the first 7 scales, then 300); "
+            "0 disables.", default=-1, min=-1, max=65536),
+         In("top_p", "FLOAT", "Nucleus sampling threshold; 0 disables (official).", default=0.0, min=0.0, max=0.99,
+            step=0.01),
+         In("smooth", "BOOLEAN", "The official Gumbel-softmax 'more smooth' soft tokens.", default=True),
+         In("size", "COMBO", "Square image side; auto = the prefix's size when a prefix is connected, else the "
+            "model's own.", default=AUTO_SIZE, options=_size_options),
+         In("batch_size", "INT", "Images per prompt.", default=1, min=1, max=64),
+         In("keep_scales", "INT", "With a prefix: how many coarse scales to keep from it (the rest are sampled).",
+            default=4, min=0, max=64),
+         In("negative", HART_CONDITIONING, "Optional negative conditioning; unconnected (or HART Empty "
+            "Conditioning) = the official all-zero condition.", optional=True),
+         In("prefix", HART_TOKENS, "Optional tokens (e.g. HART Tokenizer Encode of an image) whose first keep_scales "
+            "scales are kept: variations of that image.", optional=True)],
+        [Out(HART_TOKENS, "tokens", "Discrete tokens, the residual head's condition and the generator state.")],
+        ar_sample,
+    ),
+    NodeSpec(
+        "HARTResidualDiffusion", "HART Residual Diffusion",
+        "Stage 2: add the continuous residual with the residual diffusion head (add_residual).",
+        [MODEL_IN, In("tokens", HART_TOKENS, "Tokens from HART AR Sampler."),
+         In("steps", "INT", "Residual diffusion steps (official 8).", default=8, min=2, max=1000),
+         In("guidance", "FLOAT", "Residual guidance; -1 = the AR sampler's final-scale guidance (official).",
+            default=-1.0, min=-1.0, max=30.0, step=0.1),
+         In("seed", "INT", "-1 = continue the AR sampler's random stream (the same image as HARTPipeline with the "
+            "AR seed); >= 0 = a fresh generator with this seed.", default=-1, min=-1, max=MAX_SEED)],
+        [Out(HART_TOKENS, "tokens", "Tokens with the residual.")],
+        residual_diffusion,
+    ),
+    NodeSpec(
+        "HARTGenerate", "HART Generate",
+        "Text to image in one node (HARTPipeline).",
+        [MODEL_IN, In("prompt", "STRING", "The text prompt.", default="", multiline=True),
+         In("negative_prompt", "STRING", "Optional negative prompt; empty = the official all-zero condition.",
+            default="", multiline=True),
+         In("seed", "INT", SEED_TIP, default=0, min=0, max=MAX_SEED, control_after_generate=True),
+         In("size", "COMBO", "Square image side; auto = the model's own.", default=AUTO_SIZE, options=_size_options),
+         In("steps", "INT", "Residual diffusion steps (official 8).", default=8, min=2, max=1000),
+         In("guidance", "FLOAT", GUIDANCE_TIP, default=4.5, min=0.0, max=30.0, step=0.1),
+         In("batch_size", "INT", "Images per prompt.", default=1, min=1, max=64)],
+        [Out("IMAGE", "image", "The generated images.")],
+        generate,
+    ),
+]
+
+SPECS_BY_ID = {s.node_id: s for s in NODE_SPECS}
