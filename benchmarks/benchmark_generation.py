@@ -1,0 +1,196 @@
+"""Latency, throughput and peak memory of HART generation, per stage, ours vs the official code.
+
+Random weights with the released architecture (override depth/width to fit a CPU run). Each
+implementation runs in its own subprocess so its peak memory is its own. Examples:
+
+    # ours only, released 1024px architecture on a GPU, batch 1 and 8
+    python benchmarks/benchmark_generation.py --resolution 1024 --batch 1 8 --device cuda --dtype bf16
+    # ours vs the official code (a checkout fetched to a scratch folder), same weights, CPU, 512px schedule
+    python benchmarks/benchmark_generation.py --resolution 512 --official /path/to/hart --device cpu
+
+Stages: text (text encoder), ar (all scales), residual (residual diffusion), decode (tokenizer decoder).
+Peak memory: CUDA max_memory_allocated per stage, or the process's peak RSS on CPU.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from hart_pipeline import (  # noqa: E402
+    HARTHybridTokenizer,
+    HARTResidualHead,
+    HARTResidualScheduler,
+    HARTTransformer,
+    add_residual,
+    decode_tokens,
+    generate_tokens,
+)
+from hart_pipeline.schedules import PATCH_NUMS  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_models(args):
+    """Random models with the released configuration (or the overrides), deterministic from the seed."""
+    torch.manual_seed(args.seed)
+    patch_nums = PATCH_NUMS[args.resolution]
+    vae = HARTHybridTokenizer(patch_nums=patch_nums)
+    transformer = HARTTransformer(num_layers=args.layers, embed_dim=args.width, num_heads=args.width // 64,
+                                  context_dim=args.context_dim, patch_nums=patch_nums)
+    head = HARTResidualHead(condition_dim=args.width)
+    with torch.no_grad():  # break the constant inits so every weight matters
+        for module in (vae, transformer, head):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    return vae.eval(), transformer.eval(), head.eval(), patch_nums
+
+
+class Meter:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.results: Dict[str, Dict[str, float]] = {}
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run(self, name: str, fn):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.sync()
+        start = time.perf_counter()
+        out = fn()
+        self.sync()
+        seconds = time.perf_counter() - start
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.results[name] = {"seconds": seconds, "peak_mib": peak}
+        return out
+
+
+def text_inputs(args, batch: int, device):
+    g = torch.Generator().manual_seed(args.seed + 1)
+    context = torch.randn(batch, args.context_tokens, args.context_dim, generator=g).to(device)
+    positions = torch.arange(args.context_tokens)[None].repeat(batch, 1).to(device)
+    return context, positions
+
+
+def text_encoder(args, device, dtype):
+    """A random Qwen2 body of the official text model's shape (hidden 1536, 28 layers) or smaller."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    config = Qwen2Config(hidden_size=args.context_dim, intermediate_size=8960 * args.context_dim // 1536,
+                         num_hidden_layers=args.text_layers, num_attention_heads=12, num_key_value_heads=2,
+                         vocab_size=151936, max_position_embeddings=2048)
+    return Qwen2Model(config).to(device, dtype).eval()
+
+
+def run_ours(args) -> Dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    vae, transformer, head, patch_nums = build_models(args)
+    vae, transformer, head = vae.to(device, dtype), transformer.to(device, dtype), head.to(device, dtype)
+    scheduler = HARTResidualScheduler()
+    encoder = text_encoder(args, device, dtype) if args.text_layers else None
+    report = {}
+    for batch in args.batch:
+        context, positions = text_inputs(args, batch, device)
+        ids = torch.randint(0, 1000, (batch, args.context_tokens + 170), device=device)
+        for rep in range(args.warmup + 1):
+            meter = Meter(device)
+            with torch.no_grad():
+                if encoder is not None:
+                    meter.run("text", lambda: encoder(input_ids=ids).last_hidden_state)
+                g = torch.Generator(device=device).manual_seed(args.seed)
+                tokens = meter.run("ar", lambda: generate_tokens(transformer, vae, context, positions, patch_nums=patch_nums,
+                                                                 generator=g))
+                tokens = meter.run("residual", lambda: add_residual(tokens, head, scheduler, generator=g))
+                meter.run("decode", lambda: decode_tokens(vae, tokens))
+        report[batch] = meter.results
+    return report
+
+
+def run_official(args) -> Dict:
+    from official_shim import build_official  # noqa: E402  (CPU shim for the official code; see that file)
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    vae, transformer, head, patch_nums = build_models(args)
+    model = build_official(args.official, vae, transformer, head, device, dtype)
+    encoder = text_encoder(args, device, dtype) if args.text_layers else None
+    report = {}
+    for batch in args.batch:
+        context, positions = text_inputs(args, batch, device)
+        mask = torch.ones_like(positions, dtype=torch.bool)
+        ids = torch.randint(0, 1000, (batch, args.context_tokens + 170), device=device)
+        for rep in range(args.warmup + 1):
+            meter = Meter(device)
+            with torch.no_grad():
+                if encoder is not None:
+                    meter.run("text", lambda: encoder(input_ids=ids).last_hidden_state)
+                # the official entry point runs AR + residual + decode in one call
+                meter.run("generate", lambda: model.autoregressive_infer_cfg(
+                    B=batch, label_B=context.to(dtype), cfg=4.5, g_seed=args.seed, more_smooth=True,
+                    context_position_ids=positions, context_mask=mask))
+        report[batch] = meter.results
+    return report
+
+
+def main(argv: List[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resolution", type=int, default=1024, choices=sorted(PATCH_NUMS))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--layers", type=int, default=24, help="transformer depth (released: 24)")
+    parser.add_argument("--width", type=int, default=1536, help="transformer width (released: 1536)")
+    parser.add_argument("--context-dim", type=int, default=1536)
+    parser.add_argument("--context-tokens", type=int, default=300)
+    parser.add_argument("--text-layers", type=int, default=0, help="random Qwen2 text encoder depth (official: 28; 0 = skip)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    parser.add_argument("--official", help="path to a checkout of github.com/mit-han-lab/hart to compare with")
+    parser.add_argument("--impl", choices=["ours", "official"], help=argparse.SUPPRESS)  # subprocess mode
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.impl:
+        print(json.dumps(run_ours(args) if args.impl == "ours" else run_official(args)))
+        return
+
+    def child(impl: str) -> Dict:
+        cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl] + (argv if argv is not None else sys.argv[1:])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    ours = child("ours")
+    official = child("official") if args.official else None
+    print(f"HART generation, {args.resolution}px schedule, layers={args.layers}, width={args.width}, "
+          f"{args.device} {args.dtype}, torch {torch.__version__}")
+    for batch in args.batch:
+        stages = ours[str(batch)]
+        gen = sum(stages[s]["seconds"] for s in ("ar", "residual", "decode"))
+        peak = max(v["peak_mib"] for v in stages.values())
+        parts = ", ".join(f"{k} {v['seconds']:.3f}s" for k, v in stages.items())
+        print(f"  ours     batch {batch}: generate {gen:.3f}s ({batch / gen:.2f} img/s; {parts}), peak {peak:.0f} MiB")
+        if official:
+            o = official[str(batch)]
+            peak_o = max(v["peak_mib"] for v in o.values())
+            print(f"  official batch {batch}: generate {o['generate']['seconds']:.3f}s, peak {peak_o:.0f} MiB"
+                  f"  -> speed-up x{o['generate']['seconds'] / gen:.2f}, memory ratio {peak / peak_o:.2f}")
+
+
+if __name__ == "__main__":
+    main()
