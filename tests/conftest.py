@@ -57,6 +57,27 @@ def scheduler():
     return HARTResidualScheduler()
 
 
+def teacher_forced_hidden_states(transformer, vae, context, position_ids, indices, patch_nums, guidance_scale=4.5):
+    """Run the KV-cached loop with every scale given (teacher forcing); return the tokens and the
+    last-block hidden states of each scale, as ``forward_scale`` produced them."""
+    from hart_pipeline import generate_tokens
+
+    hidden = []
+    original = transformer.forward_scale
+
+    def record(*args, **kwargs):
+        hidden.append(original(*args, **kwargs))
+        return hidden[-1]
+
+    transformer.forward_scale = record
+    try:
+        tokens = generate_tokens(transformer, vae, context, position_ids, patch_nums=patch_nums,
+                                 guidance_scale=guidance_scale, smooth=False, prefix_indices=indices)
+    finally:
+        del transformer.forward_scale
+    return tokens, hidden
+
+
 def text_condition(batch: int = 2, tokens: int = 8, dim: int = 32, seed: int = 0):
     """Random right-padded text hidden states with the official position ids (pads repeat the last id)."""
     g = torch.Generator().manual_seed(seed)

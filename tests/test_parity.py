@@ -24,7 +24,7 @@ from hart_pipeline import (
 from hart_pipeline.convert import convert
 from hart_pipeline.sampling import guidance_ramp, guided_head_output
 
-from conftest import FIXTURES
+from conftest import FIXTURES, teacher_forced_hidden_states
 
 CONFIGS = ["tiny4", "tiny8"]
 
@@ -90,23 +90,9 @@ def test_tokenizer_decode(case):
 
 def _teacher_forced(case):
     """Our KV-cached loop fed the official ground-truth indices; returns tokens and per-scale hidden states."""
-    e, transformer = case["expected"], case["transformer"]
-    hidden = []
-    original = transformer.forward_scale
-
-    def record(*args, **kwargs):
-        h = original(*args, **kwargs)
-        hidden.append(h)
-        return h
-
-    transformer.forward_scale = record
-    try:
-        indices = [e[f"tok.idx.{si}"] for si in range(len(case["patch_nums"]))]
-        tokens = generate_tokens(transformer, case["vae"], e["ctx"], e["ctx_pos"], patch_nums=case["patch_nums"],
-                                 guidance_scale=4.5, smooth=False, prefix_indices=indices)
-    finally:
-        del transformer.forward_scale
-    return tokens, hidden
+    e = case["expected"]
+    indices = [e[f"tok.idx.{si}"] for si in range(len(case["patch_nums"]))]
+    return teacher_forced_hidden_states(case["transformer"], case["vae"], e["ctx"], e["ctx_pos"], indices, case["patch_nums"])
 
 
 def test_kv_cached_logits_match_official(case):

@@ -19,7 +19,7 @@ from hart_pipeline import (
 from hart_pipeline.convert import map_official_tokenizer_state, split_official_transformer_state
 from hart_pipeline.models.transformer import KVCache
 
-from conftest import FIXTURES, text_condition, tiny_head, tiny_transformer, tiny_vae
+from conftest import FIXTURES, teacher_forced_hidden_states, text_condition, tiny_head, tiny_transformer, tiny_vae
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,20 +86,7 @@ def test_teacher_forced_forward_equals_kv_cached(patch_nums):
     context, position_ids = text_condition(B, 8, 32, seed=3)
     indices = _random_indices(patch_nums, B, seed=4)
 
-    hidden = []
-    original = transformer.forward_scale
-
-    def record(*args, **kwargs):
-        h = original(*args, **kwargs)
-        hidden.append(h)
-        return h
-
-    transformer.forward_scale = record
-    try:
-        tokens = generate_tokens(transformer, vae, context, position_ids, patch_nums=patch_nums,
-                                 guidance_scale=4.5, smooth=False, prefix_indices=indices)
-    finally:
-        del transformer.forward_scale
+    tokens, hidden = teacher_forced_hidden_states(transformer, vae, context, position_ids, indices, patch_nums)
     assert len(hidden) == len(patch_nums)
     assert all(torch.equal(a, b) for a, b in zip(tokens.indices, indices))
 
