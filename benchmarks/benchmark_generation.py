@@ -101,6 +101,10 @@ def run_ours(args) -> Dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     vae, transformer, head, patch_nums = build_models(args)
     vae, transformer, head = vae.to(device, dtype), transformer.to(device, dtype), head.to(device, dtype)
+    if args.compile:
+        transformer.compile_repeated_blocks(dynamic=True)
+    if args.attention:
+        transformer.set_attention_backend(args.attention)
     scheduler = HARTResidualScheduler()
     encoder = text_encoder(args, device, dtype) if args.text_layers else None
     report = {}
@@ -160,6 +164,8 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (regional)")
+    parser.add_argument("--attention", choices=["sdpa", "xformers", "math"], help="attention backend (default sdpa)")
     parser.add_argument("--official", help="path to a checkout of github.com/mit-han-lab/hart to compare with")
     parser.add_argument("--impl", choices=["ours", "official"], help=argparse.SUPPRESS)  # subprocess mode
     args = parser.parse_args(argv)

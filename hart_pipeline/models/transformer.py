@@ -164,6 +164,7 @@ class HARTTransformer(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["HARTBlock"]
+    _repeated_blocks = ["HARTBlock"]  # transformer.compile_repeated_blocks(dynamic=True): regional torch.compile
 
     @register_to_config
     def __init__(
