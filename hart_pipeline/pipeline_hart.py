@@ -345,8 +345,9 @@ class HARTPipeline(DiffusionPipeline):
                 raise ValueError("HART draws every image of a batch from one stream: pass a single torch.Generator.")
             generator = generator[0]
         device = self._execution_device
-        if isinstance(negative_prompt, str) and prompt is not None and not isinstance(prompt, str):
-            negative_prompt = [negative_prompt] * len(prompt)
+        if isinstance(negative_prompt, str):
+            batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            negative_prompt = [negative_prompt] * batch
 
         embeds, positions, neg_embeds, neg_positions = self.encode_prompt(
             prompt, negative_prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask,

@@ -229,3 +229,11 @@ def test_model_classes_push_to_hub(pipe, monkeypatch):
         getattr(pipe, name).push_to_hub(f"user/{name}")
     assert [u[0] for u in uploaded] == ["user/transformer", "user/residual_head", "user/vae"]
     assert all("diffusion_pytorch_model.safetensors" in files and "config.json" in files for _, files in uploaded)
+
+
+def test_negative_prompt_string_with_prompt_embeds_batch(pipe):
+    embeds, positions, _, _ = pipe.encode_prompt([PROMPT, "two green triangle"], device=torch.device("cpu"))
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    images = run(pipe, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt="blue",
+                 output_type="pt", num_inference_steps=2)
+    assert images.shape == (2, 3, 64, 64)
