@@ -10,7 +10,11 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 def _generate(args: argparse.Namespace) -> None:
+    import warnings
+
     import torch
+
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")  # diffusers >= 0.36 renames it `dtype`
 
     from .pipeline_hart import HARTPipeline
 

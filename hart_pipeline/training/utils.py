@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import os
 import re
 from typing import Dict, Iterable, Optional
@@ -117,3 +118,34 @@ def save_args(args: argparse.Namespace, path: str) -> None:
 
 
 __all__ = ["EMA", "TrainState", "latest_checkpoint", "parse_with_config", "prune_checkpoints", "save_args"]
+
+
+def add_optimisation_args(p: argparse.ArgumentParser, batch_size: int, weight_decay: float, ema_decay: float) -> None:
+    """The optimisation and bookkeeping options both trainers share."""
+    p.add_argument("--train_steps", type=int, default=1000)
+    p.add_argument("--max_minutes", type=float, default=0.0, help="stop (and save) after this wall time; 0: off")
+    p.add_argument("--batch_size", type=int, default=batch_size)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--weight_decay", type=float, default=weight_decay)
+    p.add_argument("--warmup_steps", type=int, default=50)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--ema_decay", type=float, default=ema_decay, help="EMA decay of the trained weights; 0: off")
+    p.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--num_threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--checkpoint_every", type=int, default=200)
+    p.add_argument("--keep_checkpoints", type=int, default=2)
+    p.add_argument("--resume", type=str, default=None, help="checkpoint folder, or 'latest'")
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then cosine decay to 0.1x of the base learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
