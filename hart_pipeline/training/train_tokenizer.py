@@ -27,9 +27,9 @@ from .utils import (
     TrainState,
     add_optimisation_args,
     latest_checkpoint,
+    log_and_checkpoint,
     lr_lambda,
     parse_with_config,
-    prune_checkpoints,
     save_args,
 )
 
@@ -169,20 +169,8 @@ def main(argv=None):
             running["continuous_frac"] = running.get("continuous_frac", 0.0) + float(out.used_continuous) / args.log_every
             bar.update(1)
             if state.step % args.log_every == 0:
-                running.update(step=state.step, lr=scheduler.get_last_lr()[0], minutes=(time.time() - start) / 60,
-                               codes_used_last_scale=int(torch.unique(out.indices[-1]).numel()))
-                bar.set_postfix(loss=f"{running['loss']:.4f}", vq=f"{running['vq_loss']:.4f}")
-                if accelerator.is_main_process:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(running) + "\n")
-                running = {}
-            out_of_time = args.max_minutes > 0 and (time.time() - start) / 60 > args.max_minutes
-            done = state.step >= args.train_steps or out_of_time
-            if state.step % args.checkpoint_every == 0 or done:
-                accelerator.wait_for_everyone()
-                accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"step_{state.step}"))
-                if accelerator.is_main_process:
-                    prune_checkpoints(args.output_dir, args.keep_checkpoints)
+                running.update(lr=scheduler.get_last_lr()[0], codes_used_last_scale=int(torch.unique(out.indices[-1]).numel()))
+            done = log_and_checkpoint(accelerator, args, state, running, bar, log_path, start, ("loss", "vq_loss"))
             if done:
                 break
         epoch += 1

@@ -36,9 +36,9 @@ from .utils import (
     TrainState,
     add_optimisation_args,
     latest_checkpoint,
+    log_and_checkpoint,
     lr_lambda,
     parse_with_config,
-    prune_checkpoints,
     save_args,
 )
 
@@ -256,20 +256,8 @@ def main(argv=None):
                 running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.log_every
             bar.update(1)
             if state.step % args.log_every == 0:
-                running.update(step=state.step, lr=lr_sched.get_last_lr()[0], minutes=(time.time() - start) / 60,
-                               num_kept=out.num_kept)
-                bar.set_postfix(ce=f"{running['ce_loss']:.3f}", diff=f"{running['diffusion_loss']:.3f}")
-                if accelerator.is_main_process:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(running) + "\n")
-                running = {}
-            out_of_time = args.max_minutes > 0 and (time.time() - start) / 60 > args.max_minutes
-            done = state.step >= args.train_steps or out_of_time
-            if state.step % args.checkpoint_every == 0 or done:
-                accelerator.wait_for_everyone()
-                accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"step_{state.step}"))
-                if accelerator.is_main_process:
-                    prune_checkpoints(args.output_dir, args.keep_checkpoints)
+                running.update(lr=lr_sched.get_last_lr()[0], num_kept=out.num_kept)
+            done = log_and_checkpoint(accelerator, args, state, running, bar, log_path, start, ("ce_loss", "diffusion_loss"))
             if done:
                 break
     bar.close()

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import time
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -149,3 +150,25 @@ def lr_lambda(warmup: int, total: int):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def log_and_checkpoint(accelerator, args: argparse.Namespace, state: "TrainState", running: Dict[str, float], bar,
+                       log_path: str, start: float, postfix_keys: Iterable[str]) -> bool:
+    """End-of-step bookkeeping shared by the trainers: every ``log_every`` steps write ``running`` (the
+    averaged losses plus whatever the caller added) to the JSON-lines log and the progress bar, every
+    ``checkpoint_every`` steps save a resumable checkpoint. Returns True when training is done."""
+    if state.step % args.log_every == 0:
+        running.update(step=state.step, minutes=(time.time() - start) / 60)
+        bar.set_postfix({k: f"{running[k]:.4f}" for k in postfix_keys})
+        if accelerator.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(running) + "\n")
+        running.clear()
+    out_of_time = args.max_minutes > 0 and (time.time() - start) / 60 > args.max_minutes
+    done = state.step >= args.train_steps or out_of_time
+    if state.step % args.checkpoint_every == 0 or done:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"step_{state.step}"))
+        if accelerator.is_main_process:
+            prune_checkpoints(args.output_dir, args.keep_checkpoints)
+    return done
