@@ -97,6 +97,23 @@ def text_encoder(args, device, dtype):
     return Qwen2Model(config).to(device, dtype).eval()
 
 
+def measure(args, device, dtype, generate) -> Dict:
+    """Per batch size: ``warmup`` unmeasured runs, then one measured run of text encoding + ``generate``."""
+    encoder = text_encoder(args, device, dtype) if args.text_layers else None
+    report = {}
+    for batch in args.batch:
+        context, positions = text_inputs(args, batch, device)
+        ids = torch.randint(0, 1000, (batch, args.context_tokens + 170), device=device)
+        for _ in range(args.warmup + 1):
+            meter = Meter(device)
+            with torch.no_grad():
+                if encoder is not None:
+                    meter.run("text", lambda: encoder(input_ids=ids).last_hidden_state)
+                generate(meter, context.to(dtype), positions)
+        report[batch] = meter.results
+    return report
+
+
 def run_ours(args) -> Dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     vae, transformer, head, patch_nums = build_models(args)
@@ -106,48 +123,30 @@ def run_ours(args) -> Dict:
     if args.attention:
         transformer.set_attention_backend(args.attention)
     scheduler = HARTResidualScheduler()
-    encoder = text_encoder(args, device, dtype) if args.text_layers else None
-    report = {}
-    for batch in args.batch:
-        context, positions = text_inputs(args, batch, device)
-        ids = torch.randint(0, 1000, (batch, args.context_tokens + 170), device=device)
-        for rep in range(args.warmup + 1):
-            meter = Meter(device)
-            with torch.no_grad():
-                if encoder is not None:
-                    meter.run("text", lambda: encoder(input_ids=ids).last_hidden_state)
-                g = torch.Generator(device=device).manual_seed(args.seed)
-                tokens = meter.run("ar", lambda: generate_tokens(transformer, vae, context, positions, patch_nums=patch_nums,
-                                                                 generator=g))
-                tokens = meter.run("residual", lambda: add_residual(tokens, head, scheduler, generator=g))
-                meter.run("decode", lambda: decode_tokens(vae, tokens))
-        report[batch] = meter.results
-    return report
+
+    def generate(meter: Meter, context, positions):
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        tokens = meter.run("ar", lambda: generate_tokens(transformer, vae, context, positions, patch_nums=patch_nums, generator=g))
+        tokens = meter.run("residual", lambda: add_residual(tokens, head, scheduler, generator=g))
+        meter.run("decode", lambda: decode_tokens(vae, tokens))
+
+    return measure(args, device, dtype, generate)
 
 
 def run_official(args) -> Dict:
     from official_shim import build_official  # noqa: E402  (CPU shim for the official code; see that file)
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    vae, transformer, head, patch_nums = build_models(args)
+    vae, transformer, head, _ = build_models(args)
     model = build_official(args.official, vae, transformer, head, device, dtype)
-    encoder = text_encoder(args, device, dtype) if args.text_layers else None
-    report = {}
-    for batch in args.batch:
-        context, positions = text_inputs(args, batch, device)
-        mask = torch.ones_like(positions, dtype=torch.bool)
-        ids = torch.randint(0, 1000, (batch, args.context_tokens + 170), device=device)
-        for rep in range(args.warmup + 1):
-            meter = Meter(device)
-            with torch.no_grad():
-                if encoder is not None:
-                    meter.run("text", lambda: encoder(input_ids=ids).last_hidden_state)
-                # the official entry point runs AR + residual + decode in one call
-                meter.run("generate", lambda: model.autoregressive_infer_cfg(
-                    B=batch, label_B=context.to(dtype), cfg=4.5, g_seed=args.seed, more_smooth=True,
-                    context_position_ids=positions, context_mask=mask))
-        report[batch] = meter.results
-    return report
+
+    def generate(meter: Meter, context, positions):
+        # the official entry point runs AR + residual + decode in one call
+        meter.run("generate", lambda: model.autoregressive_infer_cfg(
+            B=context.shape[0], label_B=context, cfg=4.5, g_seed=args.seed, more_smooth=True,
+            context_position_ids=positions, context_mask=torch.ones_like(positions, dtype=torch.bool)))
+
+    return measure(args, device, dtype, generate)
 
 
 def main(argv: List[str] = None) -> None:
