@@ -6,14 +6,13 @@ No algorithm lives here: text encoding is ``HARTPipeline.encode_prompt``, sampli
 ``generate_tokens`` / ``add_residual``, decoding ``decode_tokens``, tokenization ``vae.encode``.
 """
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from hart_pipeline import HARTPipeline, HARTTokens, add_residual, decode_tokens, generate_tokens
+from hart_pipeline import HARTPipeline, add_residual, decode_tokens, encode_images, generate_tokens
 
 from . import runtime
 from .handles import HART_CONDITIONING, HART_MODEL, HART_TOKENS, HARTConditioning, HARTModel, HARTTokenHandle
@@ -87,10 +86,6 @@ def _to_image(images: torch.Tensor) -> torch.Tensor:
 
 def _size_options() -> List[str]:
     return [AUTO_SIZE] + STANDARD_SIZES
-
-
-def _patch_nums_of(indices: Sequence[torch.Tensor]) -> Tuple[int, ...]:
-    return tuple(math.isqrt(i.shape[1]) for i in indices)
 
 
 def _stage_callback(progress: runtime.Progress):
@@ -170,11 +165,8 @@ def tokenizer_encode(model: HARTModel, image: torch.Tensor, resize: str) -> Tupl
             images = F.interpolate(images, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
         images = images.clamp(0, 1)
     with model.stage("vae") as pipe:
-        indices, residual = pipe.vae.encode(images * 2 - 1, return_dict=False)
-        patch_nums = _patch_nums_of(indices)
-        latent = pipe.vae.quantizer.indices_to_latent(indices, patch_nums)
-    return (HARTTokenHandle(tokens=HARTTokens(indices=indices, latent=latent, residual=residual),
-                            patch_nums=patch_nums),)
+        tokens = encode_images(pipe.vae, images)
+    return (HARTTokenHandle(tokens=tokens, patch_nums=pipe.vae.patch_nums_from_indices(tokens.indices)),)
 
 
 def tokenizer_decode(model: HARTModel, tokens: HARTTokenHandle, discrete_only: bool) -> Tuple[torch.Tensor]:

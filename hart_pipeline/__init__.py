@@ -2,7 +2,7 @@
 
 from .models import HARTHybridTokenizer, HARTResidualHead, HARTTransformer, HybridTokens
 from .pipeline_hart import HARTPipeline, HARTPipelineOutput
-from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens, sample_residual
+from .sampling import HARTTokens, add_residual, decode_tokens, encode_images, generate_tokens, sample_residual
 from .scheduler import HARTResidualScheduler
 from .schedules import PATCH_NUMS, patch_nums_for_resolution
 
@@ -20,6 +20,7 @@ __all__ = [
     "HybridTokens",
     "add_residual",
     "decode_tokens",
+    "encode_images",
     "generate_tokens",
     "patch_nums_for_resolution",
     "sample_residual",

@@ -23,7 +23,7 @@ from .hub import write_model_card
 from .models.residual_head import HARTResidualHead
 from .models.tokenizer import HARTHybridTokenizer
 from .models.transformer import HARTTransformer
-from .sampling import HARTTokens, add_residual, generate_tokens
+from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens
 from .scheduler import HARTResidualScheduler
 from .schedules import PATCH_NUMS
 
@@ -393,8 +393,8 @@ class HARTPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = tokens
         else:
-            images = self.vae.decode_latent(tokens.latent + tokens.residual)
-            images = self.image_processor.postprocess(images.float(), output_type=output_type)
+            images = decode_tokens(self.vae, tokens).float()  # [0, 1]
+            images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

@@ -270,6 +270,14 @@ def add_residual(
 
 
 @torch.no_grad()
+def encode_images(tokenizer: HARTHybridTokenizer, images: torch.Tensor, patch_nums: Optional[Sequence[int]] = None) -> HARTTokens:
+    """Images in [0, 1] (B, 3, H, W) -> hybrid tokens: the inverse of :func:`decode_tokens`."""
+    indices, residual = tokenizer.encode(images * 2 - 1, patch_nums, return_dict=False)
+    latent = tokenizer.quantizer.indices_to_latent(indices, tokenizer.patch_nums_from_indices(indices))
+    return HARTTokens(indices=indices, latent=latent, residual=residual)
+
+
+@torch.no_grad()
 def decode_tokens(tokenizer: HARTHybridTokenizer, tokens: HARTTokens, discrete_only: bool = False) -> torch.Tensor:
     """Hybrid tokens -> images in [0, 1] (B, 3, H, W); ``discrete_only`` drops the residual."""
     latent = tokens.latent if discrete_only or tokens.residual is None else tokens.latent + tokens.residual

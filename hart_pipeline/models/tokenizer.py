@@ -430,7 +430,8 @@ class HARTHybridTokenizer(ModelMixin, ConfigMixin):
             return indices, residual
         return HybridTokens(indices=indices, residual=residual)
 
-    def _patch_nums_from_indices(self, indices: Sequence[torch.Tensor]) -> Tuple[int, ...]:
+    @staticmethod
+    def patch_nums_from_indices(indices: Sequence[torch.Tensor]) -> Tuple[int, ...]:
         """Token-map sides from per-scale index tensors (B, pn^2), validating their shapes."""
         if len(indices) == 0:
             raise ValueError("`indices` must hold at least one scale.")
@@ -455,7 +456,7 @@ class HARTHybridTokenizer(ModelMixin, ConfigMixin):
 
         Without ``residual`` this is the discrete-only reconstruction.
         """
-        patch_nums = self._patch_nums_from_indices(indices)
+        patch_nums = self.patch_nums_from_indices(indices)
         indices = [idx.to(device=self.device, dtype=torch.long) for idx in indices]
         f_hat = self.quantizer.indices_to_latent(indices, patch_nums)  # (B, Cv, h, w)
         if residual is not None:
