@@ -15,6 +15,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .validation import boolean, check_config, check_int
+
+CONFIG_RULES = {"num_train_timesteps": lambda name, value: check_int(name, value, 2, 100_000), "clip_sample": boolean}
+
 
 @dataclass
 class HARTResidualSchedulerOutput(BaseOutput):
@@ -64,6 +68,7 @@ class HARTResidualScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, clip_sample: bool = True):
+        check_config("HARTResidualScheduler", locals(), CONFIG_RULES)
         self.train_betas = cosine_betas(num_train_timesteps)
         self.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - self.train_betas))
         self.init_noise_sigma = 1.0

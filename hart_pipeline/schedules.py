@@ -1,9 +1,10 @@
 """Patch schedules (``patch_nums``): the side length of every token map, coarse to fine.
 
-HART generates ``len(patch_nums)`` scales; the last one equals the latent side (image side / 16).
+HART generates ``len(patch_nums)`` scales; the last one equals the latent side (image side / the tokenizer's
+downsample factor, 16 for the released model).
 """
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -14,12 +15,21 @@ PATCH_NUMS: Dict[int, Tuple[int, ...]] = {
 }
 
 
-def patch_nums_for_resolution(resolution: int) -> Tuple[int, ...]:
-    """The patch schedule for a square image side; raises a ValueError naming the valid sides."""
-    if resolution not in PATCH_NUMS:
-        valid = ", ".join(str(r) for r in sorted(PATCH_NUMS))
+def standard_patch_nums(latent_side: int) -> Optional[Tuple[int, ...]]:
+    """The standard schedule that ends at ``latent_side`` (any tokenizer downsample factor), or None."""
+    return next((pns for pns in PATCH_NUMS.values() if pns[-1] == latent_side), None)
+
+
+def patch_nums_for_resolution(resolution: int, downsample_factor: int = 16) -> Tuple[int, ...]:
+    """The standard patch schedule for a square image side; raises a ValueError naming the valid sides.
+
+    ``downsample_factor`` is the tokenizer's image side / latent side (16 for the released model).
+    """
+    patch_nums = standard_patch_nums(resolution // downsample_factor) if resolution % downsample_factor == 0 else None
+    if patch_nums is None:
+        valid = ", ".join(str(pns[-1] * downsample_factor) for pns in sorted(PATCH_NUMS.values(), key=lambda p: p[-1]))
         raise ValueError(f"HART generates square images of side {valid}; got {resolution}.")
-    return PATCH_NUMS[resolution]
+    return patch_nums
 
 
 def phi_index(scale_index: int, num_scales: int, num_phi: int = 4) -> int:

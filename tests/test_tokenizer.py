@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from hart_pipeline import PATCH_NUMS, HARTHybridTokenizer, patch_nums_for_resolution
+
 from conftest import tiny_vae
 
 PATCH_8 = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -153,3 +155,20 @@ def test_wrong_indices_shapes(vae4):
 def test_decode_latent_wrong_channels(vae4):
     with pytest.raises(ValueError, match=r"\(B, 16, h, w\)"):
         vae4.decode_latent(torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("side, expected", [(128, PATCH_NUMS[256]), (256, PATCH_NUMS[512])])
+def test_standard_schedule_follows_the_downsample_factor(side, expected):
+    """Regression: the default schedule of an image was picked by its side (factor 16 assumed); a factor-8
+    tokenizer (the built-in model's) failed with a size mismatch on a 256px image."""
+    torch.manual_seed(0)
+    vae = HARTHybridTokenizer(latent_channels=8, vocab_size=64, base_channels=32, channel_multipliers=(1, 1, 2, 2),
+                              num_res_blocks=1, patch_nums=(1, 2, 4, 8)).eval()
+    assert vae.downsample_factor == 8
+    with torch.no_grad():
+        indices, residual = vae.encode(_images(1, side), return_dict=False)
+    assert vae.patch_nums_from_indices(indices) == expected
+    assert residual.shape == (1, 8, side // 8, side // 8)
+    assert patch_nums_for_resolution(side, downsample_factor=8) == expected
+    with pytest.raises(ValueError, match="square images of side 128, 256, 512"):
+        patch_nums_for_resolution(64 * 3, downsample_factor=8)

@@ -12,7 +12,14 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from ..loading import StrictLoadingMixin
+from ..validation import check_config, positive_int, positive_real
 from .layers import TimestepEmbedding, modulate
+
+CONFIG_RULES = {
+    "latent_channels": positive_int(4096), "condition_dim": positive_int(1 << 16), "width": positive_int(1 << 16),
+    "num_layers": positive_int(1024), "residual_scale": positive_real(),
+}
 
 
 class ResidualBlock(nn.Module):
@@ -41,7 +48,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class HARTResidualHead(ModelMixin, ConfigMixin):
+class HARTResidualHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""The residual diffusion MLP (MAR's ``SimpleMLPAdaLN``).
 
     Args:
@@ -52,10 +59,13 @@ class HARTResidualHead(ModelMixin, ConfigMixin):
         residual_scale: the residual is modelled divided by this factor (official ``vae_scale``).
     """
 
+    _config_rules = CONFIG_RULES
+
     @register_to_config
     def __init__(self, latent_channels: int = 32, condition_dim: int = 1536, width: int = 1024, num_layers: int = 6,
                  residual_scale: float = 0.6):
         super().__init__()
+        check_config("HARTResidualHead", locals(), CONFIG_RULES)
         self.time_embed = TimestepEmbedding(width)
         self.cond_embed = nn.Linear(condition_dim, width)
         self.input_proj = nn.Linear(latent_channels, width)

@@ -26,7 +26,15 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-from ..schedules import PATCH_NUMS, phi_index
+from ..loading import StrictLoadingMixin
+from ..schedules import PATCH_NUMS, phi_index, standard_patch_nums
+from ..validation import check_config, int_list, positive_int, real
+
+CONFIG_RULES = {
+    "in_channels": positive_int(64), "latent_channels": positive_int(4096), "vocab_size": positive_int(1 << 20),
+    "base_channels": positive_int(4096), "channel_multipliers": int_list(1, 64), "num_res_blocks": positive_int(64),
+    "quant_resi": real(-1.0, 1.0), "num_phi": positive_int(64), "patch_nums": int_list(1, 1024, increasing=True),
+}
 
 
 @dataclass
@@ -325,7 +333,7 @@ class HybridQuantizer(nn.Module):
         return torch.cat(inputs, dim=1)
 
 
-class HARTHybridTokenizer(ModelMixin, ConfigMixin):
+class HARTHybridTokenizer(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""The HART hybrid tokenizer (discrete multi-scale tokens + continuous residual).
 
     Parameters:
@@ -341,6 +349,8 @@ class HARTHybridTokenizer(ModelMixin, ConfigMixin):
         patch_nums (`Tuple[int]`): default patch schedule (token-map sides, coarse to fine).
     """
 
+    _config_rules = CONFIG_RULES
+
     @register_to_config
     def __init__(
         self,
@@ -355,8 +365,10 @@ class HARTHybridTokenizer(ModelMixin, ConfigMixin):
         patch_nums: Tuple[int, ...] = PATCH_NUMS[1024],
     ):
         super().__init__()
+        check_config("HARTHybridTokenizer", locals(), CONFIG_RULES)
         if base_channels % 32:
-            raise ValueError(f"base_channels must be a multiple of 32 (the blocks use GroupNorm(32)); got {base_channels}.")
+            raise ValueError("HARTHybridTokenizer config: `base_channels` must be a multiple of 32 (the blocks use "
+                             f"GroupNorm(32)); got {base_channels}.")
         self.encoder = _Encoder(in_channels, latent_channels, base_channels, channel_multipliers, num_res_blocks)
         self.decoder = _Decoder(in_channels, latent_channels, base_channels, channel_multipliers, num_res_blocks)
         self.quant_conv = nn.Conv2d(latent_channels, latent_channels, kernel_size=3, padding=1)
@@ -402,8 +414,9 @@ class HARTHybridTokenizer(ModelMixin, ConfigMixin):
         if patch_nums is None:
             if self.config.patch_nums[-1] == latent_side:
                 return tuple(self.config.patch_nums)
-            if height in PATCH_NUMS:
-                return PATCH_NUMS[height]
+            standard = standard_patch_nums(latent_side)
+            if standard is not None:
+                return standard
         elif len(patch_nums) > 0 and patch_nums[-1] == latent_side:
             if any(not 0 < pn <= latent_side for pn in patch_nums):
                 raise ValueError(f"Every patch side must lie in [1, {latent_side}]; got {tuple(patch_nums)}.")
@@ -420,7 +433,7 @@ class HARTHybridTokenizer(ModelMixin, ConfigMixin):
         """Hybrid tokenization: per-scale indices (B, pn^2) and the continuous residual (B, Cv, h, w).
 
         ``patch_nums`` defaults to the configured schedule when it fits the image, else to the
-        standard schedule for the image side.
+        standard schedule that ends at the latent side (image side / ``downsample_factor``).
         """
         self._check_images(images)
         patch_nums = self._resolve_patch_nums(patch_nums, tuple(images.shape[-2:]))

@@ -22,7 +22,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
 from .. import kernels
+from ..loading import StrictLoadingMixin
 from ..schedules import PATCH_NUMS
+from ..validation import check_config, int_list, positive_int, positive_real
 from .layers import RMSNorm, TimestepEmbedding, apply_rope, image_positions, image_rope, text_rope
 
 
@@ -144,7 +146,16 @@ class HARTTransformerOutput(BaseOutput):
     hidden_states: torch.Tensor
 
 
-class HARTTransformer(ModelMixin, ConfigMixin):
+# Types and ranges of the config fields (upper bounds catch typos that would exhaust memory).
+CONFIG_RULES = {
+    "latent_channels": positive_int(4096), "vocab_size": positive_int(1 << 20), "embed_dim": positive_int(1 << 16),
+    "num_layers": positive_int(1024), "num_heads": positive_int(1024), "mlp_ratio": positive_real(64.0),
+    "norm_eps": positive_real(1.0), "context_tokens": positive_int(1 << 16), "context_dim": positive_int(1 << 16),
+    "patch_nums": int_list(1, 1024, increasing=True), "rope_theta": positive_real(),
+}
+
+
+class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""The HART autoregressive transformer.
 
     Text hidden states (B, T, ``context_dim``) enter as T prefix tokens (1D RoPE on their position
@@ -165,6 +176,7 @@ class HARTTransformer(ModelMixin, ConfigMixin):
     _supports_gradient_checkpointing = True
     _no_split_modules = ["HARTBlock"]
     _repeated_blocks = ["HARTBlock"]  # transformer.compile_repeated_blocks(dynamic=True): regional torch.compile
+    _config_rules = CONFIG_RULES  # fields config.json must state (StrictLoadingMixin)
 
     @register_to_config
     def __init__(
@@ -182,6 +194,10 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         rope_theta: float = 10000.0,
     ):
         super().__init__()
+        check_config("HARTTransformer", locals(), CONFIG_RULES)
+        if embed_dim % num_heads or (embed_dim // num_heads) % 4:
+            raise ValueError(f"HARTTransformer config: `embed_dim` ({embed_dim}) / `num_heads` ({num_heads}) must be an "
+                             "integer head size divisible by 4 (HART's 2D RoPE); fix them in the config.json.")
         hidden_dim = int(embed_dim * mlp_ratio * 2 / 3 + 255) // 256 * 256
         self.word_embed = nn.Linear(latent_channels, embed_dim)
         self.context_embed = nn.Linear(context_dim, embed_dim)
