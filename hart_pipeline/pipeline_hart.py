@@ -26,6 +26,8 @@ from .models.transformer import HARTTransformer
 from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens
 from .scheduler import HARTResidualScheduler
 from .schedules import PATCH_NUMS
+from .validation import (CallArguments, check_bool, check_call_arguments, check_callback_output, check_device,
+                         check_dtype, check_int)
 
 # The official HART system prompt (hart/utils/constants.py); the released model saw it before every prompt.
 SYSTEM_PROMPT = (
@@ -96,6 +98,39 @@ class HARTPipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor, HARTTokens]
 
 
+# The class each HART component must have (checked by name, so classes loaded as remote code also pass).
+COMPONENT_CLASSES = {"vae": "HARTHybridTokenizer", "transformer": "HARTTransformer",
+                     "residual_head": "HARTResidualHead", "scheduler": "HARTResidualScheduler"}
+
+
+def check_components(**components) -> None:
+    """Each HART component is of its class (a swapped or foreign one, e.g. DDPMScheduler, fails here, not at step())."""
+    for name, component in components.items():
+        expected = COMPONENT_CLASSES[name]
+        if component is not None and expected not in {c.__name__ for c in type(component).__mro__}:
+            raise ValueError(f"`{name}` must be a {expected}; got a {type(component).__name__}. Check the `{name}` "
+                             "entry of model_index.json or the component you passed.")
+
+
+def check_model_index(path: str, pipeline_class: str) -> dict:
+    """Read a pipeline's ``model_index.json``: a JSON object for ``pipeline_class`` whose HART entries name HART classes."""
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it with HARTPipeline.save_pretrained.") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{path} must hold a JSON object; got a {type(index).__name__}.")
+    class_name = index.get("_class_name")
+    if class_name != pipeline_class:
+        raise ValueError(f"{path} holds a {class_name} pipeline, not a {pipeline_class}.")
+    for name, expected in COMPONENT_CLASSES.items():
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] == expected):
+            raise ValueError(f"{path}: the `{name}` entry must be [library, {expected!r}]; got {entry!r}.")
+    return index
+
+
 class HARTPipeline(DiffusionPipeline):
     r"""Text-to-image generation with HART (Hybrid Autoregressive Transformer, arXiv 2410.10812).
 
@@ -126,6 +161,8 @@ class HARTPipeline(DiffusionPipeline):
         use_system_prompt: bool = True,
     ):
         super().__init__()
+        check_components(vae=vae, transformer=transformer, residual_head=residual_head, scheduler=scheduler)
+        use_system_prompt = check_bool("use_system_prompt", use_system_prompt)
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               residual_head=residual_head, scheduler=scheduler)
         self.register_to_config(use_system_prompt=use_system_prompt)
@@ -149,11 +186,21 @@ class HARTPipeline(DiffusionPipeline):
                         "hart_pipeline.convert.convert_official)."
                     )
                 raise ValueError(f"{path} is not a HART pipeline folder: it has no model_index.json.")
-            with open(index) as f:
-                class_name = json.load(f).get("_class_name")
-            if class_name != cls.__name__:
-                raise ValueError(f"{path} holds a {class_name} pipeline, not a {cls.__name__}.")
+            check_model_index(index, cls.__name__)
+        for key in ("dtype", "torch_dtype"):
+            if kwargs.get(key) is not None:
+                value = kwargs[key]
+                kwargs[key] = ({k: check_dtype(f"{key}[{k!r}]", v) for k, v in value.items()} if isinstance(value, dict)
+                               else check_dtype(key, value))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def to(self, *args, **kwargs) -> "HARTPipeline":
+        """``DiffusionPipeline.to`` with the device and dtype checked first (a clear error, not a torch assertion)."""
+        args = tuple(check_dtype("dtype", a) if isinstance(a, torch.dtype) else check_device("device", a) for a in args)
+        for key, check in (("dtype", check_dtype), ("device", check_device)):
+            if kwargs.get(key) is not None:
+                kwargs[key] = check(key, kwargs[key])
+        return super().to(*args, **kwargs)
 
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True, variant: Optional[str] = None,
                         push_to_hub: bool = False, **kwargs) -> None:
@@ -223,8 +270,9 @@ class HARTPipeline(DiffusionPipeline):
         when neither ``negative_prompt`` nor ``negative_prompt_embeds`` is given: the official
         unconditional branch is then an all-zero condition.
         """
-        device = device or self._execution_device
-        max_length = max_sequence_length or self.transformer.config.context_tokens
+        device = self._execution_device if device is None else check_device("device", device)
+        max_length = self.transformer.config.context_tokens if max_sequence_length is None else check_int(
+            "max_sequence_length", max_sequence_length, 1)
         if prompt_embeds is None:
             prompt_embeds, prompt_attention_mask = self._encode_text(prompt, max_length, device)
         elif prompt_attention_mask is None:
@@ -259,51 +307,18 @@ class HARTPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------ checks
     def check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, top_k, top_p,
                      num_images_per_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
-                     output_type, callback_on_step_end_tensor_inputs) -> None:
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("Pass exactly one of `prompt` or `prompt_embeds`.")
-        if prompt is not None:
-            if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)):
-                raise ValueError(f"`prompt` must be a string or a list of strings; got {type(prompt).__name__}.")
-            if isinstance(prompt, list) and len(prompt) == 0:
-                raise ValueError("`prompt` is an empty list: pass at least one prompt.")
-        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("Pass at most one of `negative_prompt` or `negative_prompt_embeds`.")
-        if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
-            raise ValueError(
-                f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch} prompts; pass one negative "
-                "prompt per prompt, or a single string for all."
-            )
-        context_dim = self.transformer.config.context_dim
-        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if embeds is None:
-                continue
-            if embeds.ndim != 3 or embeds.shape[-1] != context_dim:
-                raise ValueError(
-                    f"`{name}` must be (batch, tokens, {context_dim}) for this transformer (context_dim={context_dim}); "
-                    f"got {tuple(embeds.shape)}. Encode with the text encoder the model was trained with."
-                )
-            if embeds.shape[0] != batch:
-                raise ValueError(f"`{name}` has batch {embeds.shape[0]} but there are {batch} prompts.")
-        if prompt_attention_mask is not None and prompt_embeds is not None and prompt_attention_mask.shape != prompt_embeds.shape[:2]:
-            raise ValueError(f"`prompt_attention_mask` must be {tuple(prompt_embeds.shape[:2])}; got {tuple(prompt_attention_mask.shape)}.")
-        self.patch_nums_for_size(height, width)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
-            raise ValueError(f"`num_inference_steps` (residual diffusion steps) must be an integer >= 2; got {num_inference_steps}.")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0 (0 disables guidance); got {guidance_scale}.")
-        if top_k is not None and top_k < 0:
-            raise ValueError(f"`top_k` must be >= 0 (0 disables it, None = the official 600/300 schedule); got {top_k}.")
-        if not 0 <= top_p < 1:
-            raise ValueError(f"`top_p` must be in [0, 1) (0 disables it); got {top_p}.")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
-        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(f"callback tensor inputs {sorted(unknown)} are not among {self._callback_tensor_inputs}.")
+                     output_type, callback_on_step_end_tensor_inputs, negative_prompt_attention_mask=None,
+                     generator=None, smooth=True, return_dict=True, callback_on_step_end=None,
+                     max_sequence_length=None) -> CallArguments:
+        """Validate every argument of ``__call__`` (see :mod:`hart_pipeline.validation`); return the scalars as
+        plain Python values (numpy / 0-d torch integers accepted). A bad one raises a ValueError naming it."""
+        return check_call_arguments(
+            self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, top_k, top_p,
+            num_images_per_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+            negative_prompt_attention_mask, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            generator=generator, smooth=smooth, return_dict=return_dict, max_sequence_length=max_sequence_length,
+            output_types=OUTPUT_TYPES,
+        )
 
     # ------------------------------------------------------------------------------------------------ call
     @torch.no_grad()
@@ -352,15 +367,12 @@ class HARTPipeline(DiffusionPipeline):
 
         Examples:
         """
-        height = height or self.default_size
-        width = width or self.default_size
-        self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, top_k, top_p,
-                          num_images_per_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
-                          output_type, callback_on_step_end_tensor_inputs)
-        if isinstance(generator, list):
-            if len(generator) != 1:
-                raise ValueError("HART draws every image of a batch from one stream: pass a single torch.Generator.")
-            generator = generator[0]
+        (height, width, num_inference_steps, guidance_scale, top_k, top_p, num_images_per_prompt, generator,
+         max_sequence_length) = self.check_inputs(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, top_k, top_p,
+            num_images_per_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds, output_type,
+            callback_on_step_end_tensor_inputs, negative_prompt_attention_mask, generator, smooth, return_dict,
+            callback_on_step_end, max_sequence_length)
         device = self._execution_device
         if isinstance(negative_prompt, str):
             batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
@@ -377,7 +389,8 @@ class HARTPipeline(DiffusionPipeline):
             def on_scale(scale_index: int, total: int, latent: torch.Tensor) -> None:
                 if callback_on_step_end is not None:
                     tensors = {"latents": latent} if "latents" in (callback_on_step_end_tensor_inputs or []) else {}
-                    out = callback_on_step_end(self, scale_index, scale_index, tensors) or {}
+                    out = check_callback_output(callback_on_step_end(self, scale_index, scale_index, tensors),
+                                                {"latents": latent})
                     if "latents" in out and out["latents"] is not latent:
                         latent.copy_(out["latents"])
                 progress.update()

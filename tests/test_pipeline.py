@@ -126,7 +126,7 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
         (dict(prompt=None), "exactly one of"),
         (dict(top_p=1.5), "top_p"),
         (dict(output_type="jpeg"), "output_type"),
-        (dict(generator=[torch.Generator(), torch.Generator()]), "single torch.Generator"),
+        (dict(generator=[torch.Generator(), torch.Generator()]), "must be one torch.Generator"),
     ],
 )
 def test_bad_input_errors(pipe, kwargs, match):
