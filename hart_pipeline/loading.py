@@ -15,7 +15,7 @@ refuses, instead of warning and producing a NaN image later:
 
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -53,20 +53,40 @@ def _weight_files(folder: str, variant: Optional[str]) -> List[str]:
     return []
 
 
-def check_weight_files(component: str, files: List[str]) -> None:
-    """Open every file's header (cheap): unreadable files and non-floating tensors name the file and the key."""
+def check_weight_files(component: str, files: List[str], floating_only: bool = True) -> None:
+    """Open every file's header (cheap): an unreadable file, or (``floating_only``) a non-floating tensor, names
+    the file and the key."""
     for path in files:
         try:
             with safe_open(path, framework="pt") as f:
-                wrong = {key: f.get_slice(key).get_dtype() for key in f.keys()
-                         if f.get_slice(key).get_dtype() not in FLOAT_DTYPES}
+                dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
         except (SafetensorError, OSError) as e:
             raise ComponentLoadError(f"{component}: the weight file {path} cannot be read ({e}); it is truncated or "
                                      "corrupt: save or download it again.") from None
+        wrong = {k: v for k, v in dtypes.items() if v not in FLOAT_DTYPES} if floating_only else {}
         if wrong:
             items = ", ".join(f"{k} ({v})" for k, v in sorted(wrong.items())[:10])
             raise ComponentLoadError(f"{component}: {path} holds non-floating-point tensors: {items}; HART weights are "
                                      "float32/bfloat16/float16. The file does not belong to this component.")
+
+
+def check_pipeline_folder(path: str, components: Iterable[str]) -> None:
+    """Before loading a local pipeline folder: every component's JSON file parses and every safetensors header
+    reads, so a garbage ``tokenizer.json`` or a truncated text encoder fails naming the file."""
+    for name in components:
+        folder = os.path.join(path, name)
+        if not os.path.isdir(folder):
+            continue
+        for file in sorted(os.listdir(folder)):
+            full = os.path.join(folder, file)
+            if file.endswith(".json"):
+                try:
+                    with open(full, encoding="utf-8") as f:
+                        json.load(f)
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise ComponentLoadError(f"`{name}`: {full} is not valid JSON ({e}); restore the file.") from None
+            elif file.endswith(".safetensors"):
+                check_weight_files(f"`{name}`", [full], floating_only=False)
 
 
 def check_finite(component: str, model: torch.nn.Module) -> None:
@@ -88,8 +108,8 @@ class StrictLoadingMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        subfolder = kwargs.get("subfolder") or ""
-        folder = os.path.join(str(pretrained_model_name_or_path), subfolder)
+        subfolder = kwargs.get("subfolder")
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(pretrained_model_name_or_path)
         component = f"{cls.__name__} ({folder})"
         config_kwargs = {k: kwargs[k] for k in ("subfolder", "cache_dir", "force_download", "local_files_only",
                                                  "token", "revision", "proxies") if k in kwargs}
@@ -131,4 +151,4 @@ class StrictLoadingMixin:
         return (model, info) if want_info else model
 
 
-__all__ = ["ComponentLoadError", "StrictLoadingMixin", "check_finite", "check_weight_files"]
+__all__ = ["ComponentLoadError", "StrictLoadingMixin", "check_finite", "check_pipeline_folder", "check_weight_files"]

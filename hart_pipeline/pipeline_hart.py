@@ -20,6 +20,7 @@ from diffusers.utils import BaseOutput
 from huggingface_hub import create_repo
 
 from .hub import write_model_card
+from .loading import check_pipeline_folder
 from .models.residual_head import HARTResidualHead
 from .models.tokenizer import HARTHybridTokenizer
 from .models.transformer import HARTTransformer
@@ -173,7 +174,9 @@ class HARTPipeline(DiffusionPipeline):
         """Load a HART pipeline folder or Hub repo (see ``DiffusionPipeline.from_pretrained``).
 
         A local folder in the official layout (``llm/`` + ``tokenizer/``) or any other non-HART folder
-        gives a ValueError that says how to get a loadable one.
+        gives a ValueError that says how to get a loadable one; so do an invalid ``model_index.json``,
+        unreadable component files and (for HART's own components, see :mod:`hart_pipeline.loading`)
+        wrong configs or weights. ``dtype`` / ``torch_dtype`` must be floating torch dtypes (or their names).
         """
         path = str(pretrained_model_name_or_path)
         if os.path.isdir(path):
@@ -186,7 +189,8 @@ class HARTPipeline(DiffusionPipeline):
                         "hart_pipeline.convert.convert_official)."
                     )
                 raise ValueError(f"{path} is not a HART pipeline folder: it has no model_index.json.")
-            check_model_index(index, cls.__name__)
+            components = [k for k in check_model_index(index, cls.__name__) if not k.startswith("_")]
+            check_pipeline_folder(path, components)
         for key in ("dtype", "torch_dtype"):
             if kwargs.get(key) is not None:
                 value = kwargs[key]
