@@ -21,6 +21,7 @@ from .models.residual_head import HARTResidualHead
 from .models.tokenizer import HARTHybridTokenizer
 from .models.transformer import HARTTransformer
 from .scheduler import HARTResidualScheduler
+from .validation import int_list
 
 
 class CheckpointError(ValueError):
@@ -61,34 +62,75 @@ class HARTComponents:
     scheduler: HARTResidualScheduler
 
 
+# Official config field -> our constructor argument, with the official defaults (the config class defaults).
+TOKENIZER_FIELDS = {"z_channels": ("latent_channels", 32), "vocab_size": ("vocab_size", 4096), "ch": ("base_channels", 160),
+                    "ch_mult": ("channel_multipliers", (1, 1, 2, 2, 4)), "quant_resi": ("quant_resi", 0.5),
+                    "share_quant_resi": ("num_phi", 4)}
+TRANSFORMER_FIELDS = {"embed_dim": ("embed_dim", 1024), "depth": ("num_layers", 16), "num_heads": ("num_heads", 16),
+                      "mlp_ratio": ("mlp_ratio", 4.0), "norm_eps": ("norm_eps", 1e-6),
+                      "context_token": ("context_tokens", 77), "context_dim": ("context_dim", 768)}
+HEAD_FIELDS = {"diff_width": ("width", 1024), "diff_depth": ("num_layers", 6)}
+DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+
 def _read_config(folder: str, expected_types: Iterable[str]) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder} has no config.json; expected the official HART layout with llm/ and tokenizer/.")
-    with open(path) as f:
-        config = json.load(f)
-    if config.get("model_type") not in expected_types:
-        raise CheckpointError(
-            f"{path} has model_type {config.get('model_type')!r}; expected one of {sorted(expected_types)}."
-        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; got a {type(config).__name__}.")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in expected_types:
+        raise CheckpointError(f"{path} has model_type {model_type!r}; expected one of {sorted(expected_types)}.")
     return config
 
 
+def _build(cls, config_path: str, config: dict, fields: Dict[str, Tuple[str, object]], **extra):
+    """``cls(**arguments)`` from the official ``config`` via ``fields``; a bad value names the official field."""
+    arguments = {ours: config.get(theirs, default) for theirs, (ours, default) in fields.items()}
+    try:
+        return cls(**arguments, **extra)
+    except ValueError as e:
+        official = {ours: theirs for theirs, (ours, _) in fields.items()}
+        named = [f"`{theirs}`" for ours, theirs in official.items() if f"`{ours}`" in str(e)]
+        where = f" (official field {', '.join(named)})" if named else ""
+        raise CheckpointError(f"{config_path}{where}: {e}") from None
+
+
 def load_state_dict(folder: str, names: Iterable[str]) -> Dict[str, torch.Tensor]:
-    """Load the first of ``names`` present in ``folder``: safetensors directly, ``.bin`` with weights_only."""
+    """Load the first of ``names`` present in ``folder``: safetensors directly, ``.bin`` with weights_only.
+
+    The result must be a dict of tensors; a corrupt file is an error naming it (never a silent fallback).
+    """
     names = list(names)
     for name in names:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
         if name.endswith(".safetensors"):
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            return load_file(path)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickles with arbitrary objects are refused, not executed
-            raise CheckpointError(f"{path} could not be loaded safely (weights_only=True): {e}") from e
+            try:
+                state = load_file(path)
+            except (SafetensorError, OSError) as e:
+                others = [n for n in names if n != name and os.path.isfile(os.path.join(folder, n))]
+                hint = f" Delete or replace it (the converter would otherwise use {others[0]})." if others else ""
+                raise CheckpointError(f"{path} is not a readable safetensors file ({e}).{hint}") from None
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # pickles with arbitrary objects are refused, not executed
+                raise CheckpointError(f"{path} could not be loaded safely (weights_only=True): {e}") from e
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise CheckpointError(f"{path} must hold a state dict (parameter name -> tensor); got a "
+                                  f"{type(state).__name__}.")
+        return state
     raise CheckpointError(f"{folder} contains none of {names}.")
 
 
@@ -155,17 +197,11 @@ def convert_tokenizer(folder: str, patch_nums: Tuple[int, ...]) -> HARTHybridTok
     config = _read_config(folder, {"hart_autoencoder_with_disc", "hart_autoencoder"})
     if config.get("quantizer_type") != "var_hybrid":
         raise CheckpointError(f"{folder}: quantizer_type {config.get('quantizer_type')!r} is not HART's 'var_hybrid'.")
-    if config.get("using_znorm", False) or config.get("quant_conv_ks", 3) != 3 or config.get("share_quant_resi", 4) < 2:
+    if config.get("using_znorm", False) or config.get("quant_conv_ks", 3) != 3 or not (
+            isinstance(config.get("share_quant_resi", 4), int) and config.get("share_quant_resi", 4) >= 2):
         raise CheckpointError(f"{folder}: only using_znorm=False, quant_conv_ks=3 and share_quant_resi>=2 are supported.")
-    model = HARTHybridTokenizer(
-        latent_channels=config.get("z_channels", 32),
-        vocab_size=config.get("vocab_size", 4096),
-        base_channels=config.get("ch", 160),
-        channel_multipliers=tuple(config.get("ch_mult", (1, 1, 2, 2, 4))),
-        quant_resi=config.get("quant_resi", 0.5),
-        num_phi=config.get("share_quant_resi", 4),
-        patch_nums=patch_nums,
-    )
+    model = _build(HARTHybridTokenizer, os.path.join(folder, "config.json"), config, TOKENIZER_FIELDS,
+                   patch_nums=patch_nums)
     state = map_official_tokenizer_state(load_state_dict(folder, ["model.safetensors", "pytorch_model.bin"]))
     _check_keys("tokenizer", model, state)
     model.load_state_dict(state)
@@ -182,35 +218,40 @@ def convert_official(src: str, ema: bool = True) -> HARTComponents:
         raise CheckpointError(f"{llm}: unsupported architecture flags {wrong}; HART needs {REQUIRED_TRANSFORMER_FLAGS}.")
     if config.get("sampler", "iddpm") != "iddpm":
         raise CheckpointError(f"{llm}: residual sampler {config['sampler']!r} is not supported (only 'iddpm').")
-    patch_nums = tuple(config.get("patch_nums", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)))
+    config_path = os.path.join(llm, "config.json")
+    patch_nums = config.get("patch_nums", DEFAULT_PATCH_NUMS)
+    try:
+        patch_nums = int_list(1, 1024, increasing=True)("patch_nums", patch_nums)
+    except ValueError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
     vae = convert_tokenizer(tokenizer_folder, patch_nums)
 
     names = ["ema_model.safetensors", "ema_model.bin"] if ema else ["model.safetensors", "pytorch_model.bin"]
     raw = load_state_dict(llm, names)
-    transformer = HARTTransformer(
-        latent_channels=vae.config.latent_channels,
-        vocab_size=vae.config.vocab_size,
-        embed_dim=config.get("embed_dim", 1024),
-        num_layers=config.get("depth", 16),
-        num_heads=config.get("num_heads", 16),
-        mlp_ratio=config.get("mlp_ratio", 4.0),
-        norm_eps=config.get("norm_eps", 1e-6),
-        context_tokens=config.get("context_token", 77),
-        context_dim=config.get("context_dim", 768),
-        patch_nums=patch_nums,
-    )
-    head = HARTResidualHead(
-        latent_channels=vae.config.latent_channels,
-        condition_dim=transformer.config.embed_dim,
-        width=config.get("diff_width", 1024),
-        num_layers=config.get("diff_depth", 6),
-    )
+    transformer = _build(HARTTransformer, config_path, config, TRANSFORMER_FIELDS, patch_nums=patch_nums,
+                         latent_channels=vae.config.latent_channels, vocab_size=vae.config.vocab_size)
+    head = _build(HARTResidualHead, config_path, config, HEAD_FIELDS, latent_channels=vae.config.latent_channels,
+                  condition_dim=transformer.config.embed_dim)
     trunk_state, head_state = split_official_transformer_state(raw)
     _check_keys("transformer", transformer, trunk_state)
     _check_keys("residual head", head, head_state)
     transformer.load_state_dict(trunk_state)
     head.load_state_dict(head_state)
     return HARTComponents(transformer=transformer, residual_head=head, vae=vae, scheduler=HARTResidualScheduler())
+
+
+def check_destination(dst: str) -> None:
+    """``dst`` must be a folder (new or existing) that can be written; checked before the (slow) conversion."""
+    path = os.path.abspath(dst)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"The destination {dst} exists and is not a folder; choose a new folder name.")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"The destination {dst} cannot be created: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"The destination {dst} is not writable ({parent} denies writing); choose another folder.")
 
 
 def convert(src: str, dst: str, ema: bool = True, text_encoder: Optional[str] = None,
@@ -226,6 +267,7 @@ def convert(src: str, dst: str, ema: bool = True, text_encoder: Optional[str] = 
     from .hub import write_model_card
     from .pipeline_hart import HARTPipeline
 
+    check_destination(dst)
     components = convert_official(src, ema=ema)
     tokenizer = encoder = None
     if text_encoder is not None:
@@ -265,7 +307,7 @@ def main(argv: Optional[Iterable[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         convert(args.src, args.dst, ema=args.ema, text_encoder=args.text_encoder, push_to_hub=args.push_to_hub)
-    except CheckpointError as e:
+    except (ValueError, OSError) as e:  # CheckpointError and file-system errors: one line, no traceback
         parser.exit(2, f"error: {e}\n")
     print(f"Converted {args.src} -> {args.dst}")
 

@@ -1,6 +1,7 @@
 """The official-layout -> diffusers converter: CLI, EMA choice, and clear errors for unsupported input."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -262,3 +263,57 @@ def test_converter_prefers_tokenizer_safetensors(official):
     vae = convert_official(str(official)).vae
     assert torch.equal(vae.quantizer.embedding.weight, raw["vae.quantize.embedding.weight"])
     assert isinstance(vae, HARTHybridTokenizer)
+
+
+def _convert_main_error(official, dst, capsys):
+    """Run the converter's command line; return its one-line error (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as info:
+        main([str(official), str(dst)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{broken", r"llm/config.json is not valid JSON"),
+    ("[1, 2, 3]", r"llm/config.json must hold a JSON object; got a list"),
+])
+def test_invalid_llm_config(official, tmp_path, capsys, content, match):
+    (official / "llm" / "config.json").write_text(content)
+    assert re.search(match, _convert_main_error(official, tmp_path / "out", capsys))
+
+
+@pytest.mark.parametrize("folder, changes, match", [
+    ("llm", {"model_type": []}, r"model_type \[\]"),
+    ("llm", {"context_dim": 2.5}, r"llm/config.json \(official field `context_dim`\).*must be an integer"),
+    ("llm", {"depth": "4"}, r"official field `depth`.*`num_layers` must be an integer"),
+    ("llm", {"patch_nums": [1, 2, 2]}, r"`patch_nums` must be strictly increasing"),
+    ("tokenizer", {"z_channels": "16"}, r"tokenizer/config.json \(official field `z_channels`\)"),
+    ("tokenizer", {"ch_mult": -1}, r"official field `ch_mult`.*non-empty list"),
+    ("tokenizer", {"share_quant_resi": "4"}, r"share_quant_resi>=2"),
+])
+def test_wrong_config_types(official, tmp_path, capsys, folder, changes, match):
+    _edit_json(official / folder / "config.json", **changes)
+    assert re.search(match, _convert_main_error(official, tmp_path / "out", capsys))
+
+
+@pytest.mark.parametrize("payload", [[torch.zeros(2)], torch.zeros(3), {"a": 1}, {1: torch.zeros(1)}])
+def test_bin_that_is_not_a_state_dict(official, tmp_path, capsys, payload):
+    torch.save(payload, official / "llm" / "ema_model.bin")
+    err = _convert_main_error(official, tmp_path / "out", capsys)
+    assert "ema_model.bin must hold a state dict (parameter name -> tensor)" in err
+
+
+def test_corrupt_safetensors_beside_a_good_bin(official, tmp_path, capsys):
+    (official / "tokenizer" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    err = _convert_main_error(official, tmp_path / "out", capsys)
+    assert "tokenizer/model.safetensors is not a readable safetensors file" in err and "pytorch_model.bin" in err
+
+
+def test_bad_destination(official, tmp_path, capsys):
+    existing = tmp_path / "file.txt"
+    existing.write_text("x")
+    assert "exists and is not a folder" in _convert_main_error(official, existing, capsys)
+    assert "is a file, not a folder" in _convert_main_error(official, existing / "sub", capsys)
+    assert existing.read_text() == "x"
