@@ -1,44 +1,133 @@
-"""The ``hart`` command: ``hart generate`` (text to image) and ``hart convert`` (official -> diffusers)."""
+"""The ``hart`` command: ``hart generate`` (text to image) and ``hart convert`` (official -> diffusers).
+
+Every argument is checked before a model is loaded; a bad one gives argparse's ``error:`` line (exit
+status 2) naming the flag and the fix.
+"""
 
 import argparse
+import json
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+from .validation import DTYPE_NAMES, check_device
+
+MAX_SEED = 2**64 - 1
+DEFAULT_STEPS_LIMIT = 1000  # the residual scheduler's num_train_timesteps when the folder does not say
 
 
-def _generate(args: argparse.Namespace) -> None:
-    import warnings
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
+
+def folder_limits(model: Optional[str]) -> Dict[str, object]:
+    """What a local pipeline folder supports, read from its small config files without loading weights.
+
+    Returns ``{"sizes": [...], "max_steps": int}``; ``sizes`` is None when unknown (a Hub id or a broken
+    folder: the loader then reports the problem and the size is checked right after loading).
+    """
+    from .default_model import DEFAULT_MODEL_DIR
+    from .schedules import supported_sizes
+
+    folder = str(DEFAULT_MODEL_DIR) if model is None else model
+    transformer = _read_json(os.path.join(folder, "transformer", "config.json")) or {}
+    vae = _read_json(os.path.join(folder, "vae", "config.json")) or {}
+    scheduler = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json")) or {}
+    steps = scheduler.get("num_train_timesteps")
+    limits = {"sizes": None, "max_steps": steps if isinstance(steps, int) and steps >= 2 else DEFAULT_STEPS_LIMIT}
+    patch_nums, multipliers = transformer.get("patch_nums"), vae.get("channel_multipliers")
+    if (isinstance(patch_nums, list) and patch_nums and all(isinstance(p, int) for p in patch_nums)
+            and isinstance(multipliers, list) and multipliers):
+        limits["sizes"] = sorted(supported_sizes(patch_nums, 2 ** (len(multipliers) - 1)))
+    return limits
+
+
+def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
+    from PIL import Image
+
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    ext = os.path.splitext(out)[1].lower()
+    if os.path.isdir(out):
+        parser.error(f"argument --out: {out} is a folder; give a file name such as {os.path.join(out, 'image.png')}.")
+    if ext not in writable:
+        common = ", ".join(e for e in (".png", ".jpg", ".webp", ".bmp", ".tiff") if e in writable)
+        problem = f"the extension {ext}, which no image writer knows" if ext else "no file extension"
+        parser.error(f"argument --out: {out!r} has {problem}; end it with one of {common} (e.g. image.png).")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        parser.error(f"argument --out: the folder {parent} does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        parser.error(f"argument --out: the folder {parent} is not writable.")
+
+
+def validate_generate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str, object]:
+    """Check every ``hart generate`` argument before loading; exits with ``error:`` naming the flag."""
+    import math
+
+    _check_out(parser, args.out)
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"argument --seed: must be in [0, 2**64 - 1]; got {args.seed}.")
+    if args.num_images < 1:
+        parser.error(f"argument --num-images: must be >= 1; got {args.num_images}.")
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        parser.error(f"argument --cfg: must be a finite number >= 0 (0 disables guidance, 4.5 is official); got {args.cfg}.")
+    if args.model is not None and not os.path.isdir(args.model) and (os.path.exists(args.model) or args.model.count("/") > 1):
+        parser.error(f"argument --model: {args.model} is neither a pipeline folder nor a Hub id (user/name).")
+    limits = folder_limits(args.model)
+    if not 2 <= args.steps <= limits["max_steps"]:
+        parser.error(f"argument --steps: residual diffusion steps must be in [2, {limits['max_steps']}] (official 8); "
+                     f"got {args.steps}.")
+    if args.size is not None and (args.size < 1 or (limits["sizes"] is not None and args.size not in limits["sizes"])):
+        valid = ", ".join(map(str, limits["sizes"])) if limits["sizes"] else "a positive size"
+        parser.error(f"argument --size: this model generates square images of side {valid}; got {args.size}.")
+    try:
+        device = check_device("--device", args.device) if args.device else None
+    except ValueError as e:
+        parser.error(f"argument --device: {str(e).replace('`--device`: ', '')}")
+    return {"device": device, "sizes": limits["sizes"]}
+
+
+def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    checked = validate_generate_args(parser, args)
+
+    import diffusers
     import torch
-
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*")  # diffusers >= 0.36 renames it `dtype`
+    import transformers
 
     from .pipeline_hart import HARTPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    device = checked["device"] or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPE_NAMES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    diffusers.utils.logging.disable_progress_bar()  # one progress bar: the generation's
+    transformers.utils.logging.disable_progress_bar()
     if args.model is None:
         from .default_model import load_default_pipeline
 
-        pipe = load_default_pipeline(torch_dtype=dtype)
+        pipe = load_default_pipeline(dtype)
     else:
-        pipe = HARTPipeline.from_pretrained(args.model, torch_dtype=dtype)
+        pipe = HARTPipeline.from_pretrained(args.model, dtype=dtype)
     pipe.to(device)
-    generator = torch.Generator().manual_seed(args.seed)
+    pipe.set_progress_bar_config(desc="hart generate")
     size = args.size or pipe.default_size
+    if size not in pipe.supported_sizes:  # a Hub model: its sizes are known once loaded
+        parser.error(f"argument --size: this model generates square images of side "
+                     f"{', '.join(map(str, sorted(pipe.supported_sizes)))}; got {size}.")
+    generator = torch.Generator().manual_seed(args.seed)
     images = pipe(args.prompt, height=size, width=size, num_inference_steps=args.steps, guidance_scale=args.cfg,
                   num_images_per_prompt=args.num_images, generator=generator).images
     root, ext = os.path.splitext(args.out)
     for i, image in enumerate(images):
-        path = args.out if len(images) == 1 else f"{root}_{i}{ext or '.png'}"
+        path = args.out if len(images) == 1 else f"{root}_{i}{ext}"
         image.save(path)
         print(path)
 
 
-def _convert(args: argparse.Namespace) -> None:
+def _convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from .convert import main as convert_main
 
     convert_main([args.src, args.dst] + ([] if args.ema else ["--no-ema"])
@@ -46,35 +135,44 @@ def _convert(args: argparse.Namespace) -> None:
                  + (["--push-to-hub", args.push_to_hub] if args.push_to_hub else []))
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hart", description="HART text-to-image (diffusers).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate an image from a prompt")
-    gen.add_argument("prompt")
+    gen = sub.add_parser("generate", help="generate an image from a prompt",
+                         description="Generate images from a text prompt (default: the built-in 64px model, CPU).")
+    gen.add_argument("prompt", help="the text prompt, e.g. \"a red circle above a blue square\"")
     gen.add_argument("--model", help="HART pipeline folder or Hub id (default: the built-in small model)")
-    gen.add_argument("--out", default="image.png", help="output PNG (several images get _0, _1, ... suffixes)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--size", type=int, help="square image side (default: the model's native size)")
-    gen.add_argument("--steps", type=int, default=8, help="residual diffusion steps")
-    gen.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
-    gen.set_defaults(func=_generate)
+    gen.add_argument("--out", default="image.png",
+                     help="output image file, .png/.jpg/.webp ... (several images get _0, _1, ... suffixes; default: image.png)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed in [0, 2**64 - 1]; the same seed gives the same image")
+    gen.add_argument("--size", type=int,
+                     help="square image side (default: the model's native size; the built-in model: 64, 128, 256, 512)")
+    gen.add_argument("--steps", type=int, default=8, help="residual diffusion steps, 2 to 1000 (default: 8, official)")
+    gen.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale >= 0 (default: 4.5, official)")
+    gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt (default: 1)")
+    gen.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
+    gen.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="weights dtype (default: bfloat16 on CUDA, float32 otherwise)")
+    gen.set_defaults(func=_generate, parser=gen)
 
-    conv = sub.add_parser("convert", help="convert an official HART checkpoint to a diffusers folder")
-    conv.add_argument("src")
-    conv.add_argument("dst")
-    conv.add_argument("--no-ema", dest="ema", action="store_false", default=True)
-    conv.add_argument("--text-encoder")
-    conv.add_argument("--push-to-hub", metavar="REPO_ID")
-    conv.set_defaults(func=_convert)
+    conv = sub.add_parser("convert", help="convert an official HART checkpoint to a diffusers folder",
+                          description="Convert an official HART checkpoint (llm/ + tokenizer/) to a diffusers pipeline folder.")
+    conv.add_argument("src", help="official checkpoint folder (with llm/ and tokenizer/) or its llm/ folder")
+    conv.add_argument("dst", help="output folder (diffusers layout; created if missing)")
+    conv.add_argument("--ema", dest="ema", action="store_true", default=True, help="use llm/ema_model.bin (default)")
+    conv.add_argument("--no-ema", dest="ema", action="store_false", help="use llm/pytorch_model.bin instead")
+    conv.add_argument("--text-encoder", help="Qwen2 text model folder or Hub id to include in the pipeline")
+    conv.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this Hub repo")
+    conv.set_defaults(func=_convert, parser=conv)
+    return parser
 
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        args.func(args.parser, args)
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

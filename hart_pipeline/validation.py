@@ -113,23 +113,20 @@ def check_device(name: str, device: Any) -> torch.device:
     """A device this torch build can run on (``cuda`` on a CPU-only torch is refused with the fix)."""
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"`{name}` is not a device: {_describe(device)} ({e}); use 'cpu', 'cuda', 'cuda:1', 'mps' ...") from None
+    except (RuntimeError, TypeError):
+        raise ValueError(f"`{name}`: {_describe(device)} is not a device; use 'cpu', 'cuda', 'cuda:1', 'mps' ...") from None
     if device.type == "meta":
-        raise ValueError(f"`{name}` is the meta device, which holds no data; use 'cpu' or an accelerator.")
+        raise ValueError(f"`{name}`: the meta device holds no data; use 'cpu' or an accelerator.")
     if device.type == "cpu":
         return device
     backend = getattr(torch, device.type, None)
-    available = getattr(backend, "is_available", None) if backend is not None else None
-    if device.type == "mps":
-        available = torch.backends.mps.is_available
+    available = torch.backends.mps.is_available if device.type == "mps" else getattr(backend, "is_available", None)
     if available is None or not available():
-        raise ValueError(f"`{name}` is {str(device)!r} but this torch build has no {device.type} device available "
-                         "(torch.__version__ = " + torch.__version__ + "); use 'cpu' or install a torch with "
-                         f"{device.type} support.")
+        raise ValueError(f"`{name}`: {str(device)!r} is not available: this torch build ({torch.__version__}) has no "
+                         f"{device.type} device; use 'cpu' or install a torch with {device.type} support.")
     count = getattr(backend, "device_count", None)
     if device.index is not None and count is not None and device.index >= count():
-        raise ValueError(f"`{name}` is {str(device)!r} but only {count()} {device.type} device(s) exist.")
+        raise ValueError(f"`{name}`: {str(device)!r} does not exist; only {count()} {device.type} device(s) are visible.")
     return device
 
 

@@ -28,7 +28,7 @@ def load_default_pipeline(torch_dtype: Optional[torch.dtype] = None):
     from ..pipeline_hart import HARTPipeline
 
     path = text_encoder_path()
-    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
     text_encoder = AutoModel.from_pretrained(path, **({} if torch_dtype is None else {"dtype": torch_dtype}))
     return HARTPipeline.from_pretrained(DEFAULT_MODEL_DIR, text_encoder=text_encoder,
                                         tokenizer=AutoTokenizer.from_pretrained(path), **kwargs)

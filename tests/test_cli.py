@@ -1,0 +1,88 @@
+"""The ``hart`` command: every argument is validated before a model loads, errors name the flag, help for all."""
+
+import argparse
+
+import pytest
+
+import hart_pipeline.default_model as default_model
+from hart_pipeline import HARTPipeline
+from hart_pipeline.cli import build_parser, folder_limits, main
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a model would be loaded: validation must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were validated")
+
+    monkeypatch.setattr(HARTPipeline, "from_pretrained", refuse)
+    monkeypatch.setattr(default_model, "load_default_pipeline", refuse)
+
+
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+BAD = [
+    (["--size", "63"], "argument --size: this model generates square images of side 64, 128, 256, 512; got 63"),
+    (["--size", "0"], "argument --size"),
+    (["--size", "1024"], "argument --size"),
+    (["--out", "."], "argument --out: . is a folder"),
+    (["--out", "img"], "argument --out: 'img' has no file extension"),
+    (["--out", "img.xyz"], "argument --out: 'img.xyz' has the extension .xyz"),
+    (["--out", "/nonexistent-folder/x.png"], "argument --out: the folder /nonexistent-folder does not exist"),
+    (["--seed", "18446744073709551616"], "argument --seed: must be in [0, 2**64 - 1]"),
+    (["--seed", "-1"], "argument --seed"),
+    (["--steps", "1001"], "argument --steps: residual diffusion steps must be in [2, 1000]"),
+    (["--steps", "1"], "argument --steps"),
+    (["--cfg", "nan"], "argument --cfg: must be a finite number"),
+    (["--cfg", "-1"], "argument --cfg"),
+    (["--cfg", "inf"], "argument --cfg"),
+    (["--num-images", "0"], "argument --num-images"),
+    (["--device", "meta"], "argument --device: the meta device holds no data"),
+    (["--device", "gpu0"], "argument --device: 'gpu0' is not a device"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice"),
+    (["--seed", "1.5"], "argument --seed: invalid int value"),
+    (["--model", "/no/such/folder"], "argument --model: /no/such/folder is neither a pipeline folder nor a Hub id"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_arguments_fail_before_loading(no_loading, capsys, argv, message):
+    assert message in _error(capsys, ["generate", "a red circle"] + argv)
+
+
+def test_cuda_on_a_cpu_only_torch(no_loading, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the error of a CPU-only torch")
+    assert "argument --device: 'cuda' is not available" in _error(capsys, ["generate", "x", "--device", "cuda"])
+
+
+def test_sizes_are_read_from_the_model_folder(tmp_path):
+    from conftest import tiny_pipeline
+
+    assert folder_limits(None) == {"sizes": [64, 128, 256, 512], "max_steps": 1000}  # the built-in model
+    tiny_pipeline().save_pretrained(tmp_path)
+    assert folder_limits(str(tmp_path)) == {"sizes": [64, 256, 512, 1024], "max_steps": 1000}
+    assert folder_limits("user/some-hub-repo")["sizes"] is None  # checked right after loading
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, f"hart {name}: {action.option_strings or action.dest} has no help text"
+
+
+@pytest.mark.parametrize("flags, ema", [([], True), (["--ema"], True), (["--no-ema"], False), (["--no-ema", "--ema"], True)])
+def test_convert_ema_flags(flags, ema):
+    assert build_parser().parse_args(["convert", "src", "dst"] + flags).ema is ema
