@@ -28,7 +28,7 @@ from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens
 from .scheduler import HARTResidualScheduler
 from .schedules import supported_sizes
 from .validation import (CallArguments, check_bool, check_call_arguments, check_callback_output, check_device,
-                         check_dtype, check_int)
+                         check_dtype, check_finite_output, check_int)
 
 # The official HART system prompt (hart/utils/constants.py); the released model saw it before every prompt.
 SYSTEM_PROMPT = (
@@ -244,7 +244,8 @@ class HARTPipeline(DiffusionPipeline):
         sizes = self.supported_sizes
         if height != width or height not in sizes:
             valid = ", ".join(f"{s}x{s}" for s in sorted(sizes))
-            raise ValueError(f"HART generates square images of {valid}; got height={height}, width={width}.")
+            raise ValueError(f"HART generates square images: `height` and `width` must be one of {valid} for this model; "
+                             f"got height={height}, width={width}.")
         return sizes[height]
 
     @property
@@ -405,10 +406,11 @@ class HARTPipeline(DiffusionPipeline):
             tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
                                   generator=generator, callback=lambda *_: progress.update())
 
+        check_finite_output("latents", tokens.latent + tokens.residual)
         if output_type == "latent":
             images = tokens
         else:
-            images = decode_tokens(self.vae, tokens).float()  # [0, 1]
+            images = check_finite_output("images", decode_tokens(self.vae, tokens).float())  # [0, 1]
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -155,6 +155,8 @@ def check_generator(generator: Any) -> Optional[torch.Generator]:
 
 
 # --------------------------------------------------------------------------------------------- pipeline
+MAX_IMAGES_PER_PROMPT = 1024  # beyond this a call only exhausts memory (the KV cache holds every image)
+MAX_TEXT_TOKENS = 1 << 16  # text length bound when neither the tokenizer nor the text encoder states one
 class CallArguments(NamedTuple):
     """The scalar arguments of ``HARTPipeline.__call__`` after validation, as plain Python values."""
 
@@ -209,8 +211,9 @@ def check_call_arguments(
         raise ValueError("Pass exactly one of `prompt` or `prompt_embeds`.")
     context_dim = pipe.transformer.config.context_dim
     if max_sequence_length is not None:
-        limit = getattr(pipe.tokenizer, "model_max_length", None)
-        limit = limit if isinstance(limit, int) and limit < 1_000_000 else None
+        limits = [getattr(pipe.tokenizer, "model_max_length", None),
+                  getattr(getattr(pipe.text_encoder, "config", None), "max_position_embeddings", None)]
+        limit = min([n for n in limits if isinstance(n, int) and n < 1_000_000] or [MAX_TEXT_TOKENS])
         max_sequence_length = check_int("max_sequence_length", max_sequence_length, 1, limit,
                                         hint=" It is the number of text tokens (None = the transformer's context_tokens).")
     if prompt is not None:
@@ -259,7 +262,8 @@ def check_call_arguments(
     if top_k is not None:
         top_k = check_int("top_k", top_k, 0, hint=" 0 disables top-k; None = the official 600/300 schedule.")
     top_p = check_float("top_p", top_p, 0.0, 1.0, below_maximum=True, hint=" 0 disables nucleus sampling.")
-    num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, 1)
+    num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, 1, MAX_IMAGES_PER_PROMPT,
+                                      hint=" For more images, call the pipeline several times.")
     check_bool("smooth", smooth)
     check_bool("return_dict", return_dict)
     check_choice("output_type", output_type, output_types)
@@ -299,6 +303,15 @@ def check_callback_output(output: Any, tensors: Dict[str, torch.Tensor]) -> Dict
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"`callback_on_step_end` returned {key!r} with NaN or infinite values.")
     return output
+
+
+def check_finite_output(name: str, values: torch.Tensor) -> torch.Tensor:
+    """Generated ``values`` must be finite: NaN/inf (weights that overflow, e.g. a damaged but finite file, or
+    float16 overflow) is an error, never an image."""
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"The generated {name} contain NaN or infinite values ({values.dtype}): the model's weights "
+                         "overflow. Load the model in float32 and check its weight files.")
+    return values
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -352,6 +365,6 @@ def check_config(component: str, values: Dict[str, Any], rules: Dict[str, Config
 
 __all__ = [
     "CallArguments", "DTYPE_NAMES", "check_bool", "check_call_arguments", "check_callback_output", "check_choice",
-    "check_config", "check_device", "check_dtype", "check_float", "check_generator", "check_int", "check_mask",
+    "check_config", "check_device", "check_dtype", "check_finite_output", "check_float", "check_generator", "check_int", "check_mask",
     "check_tensor",
 ]
