@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from hart_pipeline import PATCH_NUMS, HARTHybridTokenizer, patch_nums_for_resolution
+from hart_pipeline import PATCH_NUMS, HARTHybridTokenizer, HARTTransformer, patch_nums_for_resolution
 
 from conftest import tiny_vae
 
@@ -172,3 +172,19 @@ def test_standard_schedule_follows_the_downsample_factor(side, expected):
     assert patch_nums_for_resolution(side, downsample_factor=8) == expected
     with pytest.raises(ValueError, match="square images of side 128, 256, 512"):
         patch_nums_for_resolution(64 * 3, downsample_factor=8)
+
+
+def test_builtin_tokenizer_encodes_every_size_the_pipeline_generates():
+    """Regression: the built-in model (downsample factor 8) generated 256px images but could not encode them."""
+    from hart_pipeline.default_model import DEFAULT_MODEL_DIR
+    from hart_pipeline.schedules import supported_sizes
+
+    vae = HARTHybridTokenizer.from_pretrained(DEFAULT_MODEL_DIR, subfolder="vae").eval()
+    transformer_config = HARTTransformer.load_config(DEFAULT_MODEL_DIR, subfolder="transformer")
+    sizes = supported_sizes(transformer_config["patch_nums"], vae.downsample_factor)  # what pipe(height=...) uses
+    assert sorted(sizes) == [64, 128, 256, 512]
+    for side in (128, 256):
+        with torch.no_grad():
+            indices, residual = vae.encode(_images(1, side), return_dict=False)
+        assert vae.patch_nums_from_indices(indices) == sizes[side]
+        assert residual.shape[-1] == side // 8
