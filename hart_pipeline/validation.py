@@ -9,7 +9,7 @@ floats of those kinds (never bools, tensors with more than one element, NaN or i
 
 import math
 import numbers
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
