@@ -5,12 +5,12 @@ status 2) naming the flag and the fix.
 """
 
 import argparse
-import json
 import os
 import sys
 from typing import Dict, List, Optional
 
-from .validation import DTYPE_NAMES, check_device
+from .convert import add_arguments as add_convert_arguments
+from .validation import DTYPE_NAMES, check_device, read_json_object
 
 MAX_SEED = 2**64 - 1
 DEFAULT_STEPS_LIMIT = 1000  # the residual scheduler's num_train_timesteps when the folder does not say
@@ -18,11 +18,9 @@ DEFAULT_STEPS_LIMIT = 1000  # the residual scheduler's num_train_timesteps when 
 
 def _read_json(path: str) -> Optional[dict]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        return read_json_object(path)
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
 
 
 def folder_limits(model: Optional[str]) -> Dict[str, object]:
@@ -128,11 +126,9 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 
 def _convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from .convert import main as convert_main
+    from .convert import run
 
-    convert_main([args.src, args.dst] + ([] if args.ema else ["--no-ema"])
-                 + (["--text-encoder", args.text_encoder] if args.text_encoder else [])
-                 + (["--push-to-hub", args.push_to_hub] if args.push_to_hub else []))
+    run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,12 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="convert an official HART checkpoint to a diffusers folder",
                           description="Convert an official HART checkpoint (llm/ + tokenizer/) to a diffusers pipeline folder.")
-    conv.add_argument("src", help="official checkpoint folder (with llm/ and tokenizer/) or its llm/ folder")
-    conv.add_argument("dst", help="output folder (diffusers layout; created if missing)")
-    conv.add_argument("--ema", dest="ema", action="store_true", default=True, help="use llm/ema_model.bin (default)")
-    conv.add_argument("--no-ema", dest="ema", action="store_false", help="use llm/pytorch_model.bin instead")
-    conv.add_argument("--text-encoder", help="Qwen2 text model folder or Hub id to include in the pipeline")
-    conv.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this Hub repo")
+    add_convert_arguments(conv)
     conv.set_defaults(func=_convert, parser=conv)
     return parser
 

@@ -10,7 +10,6 @@ they are split into ``transformer/`` and ``residual_head/``. The official tokeni
 """
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Tuple
@@ -21,7 +20,7 @@ from .models.residual_head import HARTResidualHead
 from .models.tokenizer import HARTHybridTokenizer
 from .models.transformer import HARTTransformer
 from .scheduler import HARTResidualScheduler
-from .validation import int_list
+from .validation import int_list, read_json_object
 
 
 class CheckpointError(ValueError):
@@ -78,12 +77,9 @@ def _read_config(folder: str, expected_types: Iterable[str]) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder} has no config.json; expected the official HART layout with llm/ and tokenizer/.")
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}).") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object; got a {type(config).__name__}.")
+        config = read_json_object(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in expected_types:
         raise CheckpointError(f"{path} has model_type {model_type!r}; expected one of {sorted(expected_types)}.")
@@ -296,20 +292,29 @@ def convert(src: str, dst: str, ema: bool = True, text_encoder: Optional[str] = 
     return pipe
 
 
-def main(argv: Optional[Iterable[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hart_pipeline.convert", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The converter's command-line arguments (``python -m hart_pipeline.convert`` and ``hart convert``)."""
     parser.add_argument("src", help="official checkpoint folder (with llm/ and tokenizer/) or its llm/ folder")
-    parser.add_argument("dst", help="output folder (diffusers layout)")
+    parser.add_argument("dst", help="output folder (diffusers layout; created if missing)")
     parser.add_argument("--ema", dest="ema", action="store_true", default=True, help="use llm/ema_model.bin (default)")
     parser.add_argument("--no-ema", dest="ema", action="store_false", help="use llm/pytorch_model.bin instead")
     parser.add_argument("--text-encoder", help="Qwen2 text model folder or Hub id to include in the pipeline")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this Hub repo")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Convert as the parsed arguments say and report it."""
+    convert(args.src, args.dst, ema=args.ema, text_encoder=args.text_encoder, push_to_hub=args.push_to_hub)
+    print(f"Converted {args.src} -> {args.dst}")
+
+
+def main(argv: Optional[Iterable[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hart_pipeline.convert", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
     try:
-        convert(args.src, args.dst, ema=args.ema, text_encoder=args.text_encoder, push_to_hub=args.push_to_hub)
+        run(parser.parse_args(argv))
     except (ValueError, OSError) as e:  # CheckpointError and file-system errors: one line, no traceback
         parser.exit(2, f"error: {e}\n")
-    print(f"Converted {args.src} -> {args.dst}")
 
 
 if __name__ == "__main__":

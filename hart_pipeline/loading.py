@@ -13,12 +13,13 @@ refuses, instead of warning and producing a NaN image later:
 * weights that are NaN or infinite.
 """
 
-import json
 import os
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from .validation import read_json_object
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
@@ -45,8 +46,7 @@ def _weight_files(folder: str, variant: Optional[str]) -> List[str]:
         index = os.path.join(folder, stem + suffix + ".index.json")
         if os.path.isfile(index):
             try:
-                with open(index) as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                shards = sorted(set(read_json_object(index)["weight_map"].values()))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ComponentLoadError(f"{index} is not a valid safetensors index: {e}") from None
             return [os.path.join(folder, shard) for shard in shards]
@@ -81,10 +81,9 @@ def check_pipeline_folder(path: str, components: Iterable[str]) -> None:
             full = os.path.join(folder, file)
             if file.endswith(".json"):
                 try:
-                    with open(full, encoding="utf-8") as f:
-                        json.load(f)
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise ComponentLoadError(f"`{name}`: {full} is not valid JSON ({e}); restore the file.") from None
+                    read_json_object(full)
+                except ValueError as e:
+                    raise ComponentLoadError(f"`{name}`: {e} Restore the file.") from None
             elif file.endswith(".safetensors"):
                 check_weight_files(f"`{name}`", [full], floating_only=False)
 

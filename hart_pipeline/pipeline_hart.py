@@ -5,7 +5,6 @@ Stages: text encoding (``encode_prompt``) -> next-scale AR prediction of the dis
 -> decoding (``vae``, the hybrid tokenizer).
 """
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens
 from .scheduler import HARTResidualScheduler
 from .schedules import supported_sizes
 from .validation import (CallArguments, check_bool, check_call_arguments, check_callback_output, check_device,
-                         check_dtype, check_finite_output, check_int)
+                         check_dtype, check_finite_output, check_int, read_json_object)
 
 # The official HART system prompt (hart/utils/constants.py); the released model saw it before every prompt.
 SYSTEM_PROMPT = (
@@ -115,13 +114,7 @@ def check_components(**components) -> None:
 
 def check_model_index(path: str, pipeline_class: str) -> dict:
     """Read a pipeline's ``model_index.json``: a JSON object for ``pipeline_class`` whose HART entries name HART classes."""
-    try:
-        with open(path) as f:
-            index = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); restore it with HARTPipeline.save_pretrained.") from None
-    if not isinstance(index, dict):
-        raise ValueError(f"{path} must hold a JSON object; got a {type(index).__name__}.")
+    index = read_json_object(path)
     class_name = index.get("_class_name")
     if class_name != pipeline_class:
         raise ValueError(f"{path} holds a {class_name} pipeline, not a {pipeline_class}.")

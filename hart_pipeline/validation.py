@@ -7,6 +7,7 @@ Integers accept Python, numpy and 0-d torch integers (never bools); real numbers
 floats of those kinds (never bools, tensors with more than one element, NaN or infinities).
 """
 
+import json
 import math
 import numbers
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
@@ -74,6 +75,18 @@ def _range(minimum, maximum, below_maximum: bool = False) -> str:
     if maximum is not None:
         return f" {'<' if below_maximum else '<='} {maximum}"
     return ""
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in the file ``path``; invalid JSON or another JSON type is a ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object; got a {type(data).__name__}.")
+    return data
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
