@@ -122,6 +122,12 @@ def check_model_index(path: str, pipeline_class: str) -> dict:
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[1] == expected):
             raise ValueError(f"{path}: the `{name}` entry must be [library, {expected!r}]; got {entry!r}.")
+    for name in ("tokenizer", "text_encoder"):  # optional: [library, class] or [null, null]
+        entry = index.get(name, [None, None])
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, (str, type(None))) for e in entry)):
+            raise ValueError(f"{path}: the `{name}` entry must be [library, class name] or [null, null]; got {entry!r}.")
+    if "use_system_prompt" in index and not isinstance(index["use_system_prompt"], bool):
+        raise ValueError(f"{path}: `use_system_prompt` must be true or false; got {index['use_system_prompt']!r}.")
     return index
 
 

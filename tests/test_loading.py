@@ -174,7 +174,10 @@ def test_invalid_model_index(folder, content, match):
     ("transformer", ["hart_pipeline.models.residual_head", "HARTResidualHead"], "`transformer` entry must be"),
     ("scheduler", ["diffusers", "DDPMScheduler"], "`scheduler` entry must be"),
     ("vae", "HARTHybridTokenizer", "`vae` entry must be"),
-    ("use_system_prompt", "yes", "`use_system_prompt` must be True or False"),
+    ("use_system_prompt", "yes", "`use_system_prompt` must be true or false"),
+    ("use_system_prompt", [], "`use_system_prompt` must be true or false"),  # crashed inside diffusers' type warning
+    ("text_encoder", 1, "`text_encoder` entry must be"),
+    ("tokenizer", ["transformers"], "`tokenizer` entry must be"),
 ])
 def test_wrong_entries_in_model_index(folder, entry, value, match):
     _edit_json(folder / "model_index.json", lambda c: {**c, entry: value})

@@ -214,7 +214,8 @@ def _mutate_config(folder, data):
 def _mutate_index(folder, data):
     path = folder / "model_index.json"
     index = json.loads(path.read_text())
-    key = data.draw(st.sampled_from(["transformer", "vae", "residual_head", "scheduler", "use_system_prompt", "_class_name"]))
+    key = data.draw(st.sampled_from(["transformer", "vae", "residual_head", "scheduler", "tokenizer", "text_encoder",
+                                     "use_system_prompt", "_class_name"]))
     index[key] = data.draw(st.sampled_from([None, "x", ["diffusers", "DDPMScheduler"], ["hart_pipeline", "HARTTransformer"],
                                             ["hart_pipeline.models.residual_head", "HARTResidualHead"], 1, [], "yes"]))
     path.write_text(data.draw(st.sampled_from([json.dumps(index), json.dumps([index]), json.dumps(index)[:-3]])))
@@ -269,7 +270,7 @@ def test_mutated_folders(pristine, tmp_path_factory, data):
     mutate(folder, data)
     names = [f"`{f}`" for fields in CONFIG_FIELDS.values() for f in fields] + [
         "model_index.json", "transformer", "vae", "residual_head", "scheduler", "HARTTransformer", "HARTHybridTokenizer",
-        "HARTResidualHead", "HARTResidualScheduler", "`use_system_prompt`", "images", "latents"]
+        "HARTResidualHead", "HARTResidualScheduler", "`use_system_prompt`", "images", "latents", "tokenizer", "text_encoder"]
     try:
         loaded = HARTPipeline.from_pretrained(folder)
         loaded.set_progress_bar_config(disable=True)
