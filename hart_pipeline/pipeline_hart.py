@@ -7,7 +7,9 @@ Stages: text encoding (``encode_prompt``) -> next-scale AR prediction of the dis
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -21,6 +23,7 @@ from huggingface_hub import create_repo
 
 from .hub import write_model_card
 from .models.residual_head import HARTResidualHead
+from .remote_code import to_installed_index, write_remote_code
 from .models.tokenizer import HARTHybridTokenizer
 from .models.transformer import HARTTransformer
 from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens
@@ -85,6 +88,17 @@ def encode_text(tokenizer, text_encoder, prompts: List[str], max_length: int,
     return hidden.float(), mask
 
 
+def _swap_folder(staging: str, target: str) -> None:
+    """Replace ``target`` by the complete folder ``staging`` with renames only (no partial state in ``target``)."""
+    if not os.path.exists(target):
+        os.rename(staging, target)
+        return
+    retired = f"{target}.replaced-{uuid.uuid4().hex[:8]}"
+    os.rename(target, retired)
+    os.rename(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 @dataclass
 class HARTPipelineOutput(BaseOutput):
     """
@@ -132,11 +146,21 @@ class HARTPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae.downsample_factor if vae is not None else 16)
 
     @classmethod
+    def load_config(cls, *args, **kwargs):
+        """``model_index.json`` as the installed package reads it: the bundled-code names (see
+        :mod:`~hart_pipeline.remote_code`) map to this package, so no remote code runs."""
+        out = super().load_config(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (to_installed_index(out[0], __package__),) + tuple(out[1:])
+        return to_installed_index(out, __package__)
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "HARTPipeline":
         """Load a HART pipeline folder or Hub repo (see ``DiffusionPipeline.from_pretrained``).
 
-        A local folder in the official layout (``llm/`` + ``tokenizer/``) or any other non-HART folder
-        gives a ValueError that says how to get a loadable one.
+        The folder's own copy of the code is not run (``DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)`` runs it). A local folder in the official layout (``llm/`` +
+        ``tokenizer/``) or any other non-HART folder gives a ValueError that says how to get a loadable one.
         """
         path = str(pretrained_model_name_or_path)
         if os.path.isdir(path):
@@ -150,38 +174,55 @@ class HARTPipeline(DiffusionPipeline):
                     )
                 raise ValueError(f"{path} is not a HART pipeline folder: it has no model_index.json.")
             with open(index) as f:
-                class_name = json.load(f).get("_class_name")
+                class_name = to_installed_index(json.load(f), __package__).get("_class_name")
             if class_name != cls.__name__:
                 raise ValueError(f"{path} holds a {class_name} pipeline, not a {cls.__name__}.")
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True, variant: Optional[str] = None,
                         push_to_hub: bool = False, **kwargs) -> None:
-        """Save every component (safetensors), ``model_index.json`` and a model card (README.md, kept if present).
+        """Save every component (safetensors), ``model_index.json``, the pipeline code and a model card.
 
-        With ``push_to_hub=True`` the folder is then uploaded to ``repo_id`` (default: the folder name),
-        like diffusers pipelines, but with HART's model card.
+        The folder is complete for ``HARTPipeline.from_pretrained`` and, without this package, for
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` (the code is bundled, see
+        :mod:`~hart_pipeline.remote_code`). The save is atomic: everything is written beside the folder,
+        then swapped in, so an interrupted save leaves the previous folder intact. An existing README.md
+        (model card) is kept; other files of a previous folder are not. With ``push_to_hub=True`` the folder
+        is then uploaded to ``repo_id`` (default: the folder name), with HART's model card.
         """
         hub = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
-        repo_id = hub.get("repo_id") or os.path.basename(os.path.abspath(save_directory))
-        if not os.path.isfile(os.path.join(save_directory, "README.md")):
-            write_model_card(save_directory, title=f"HART text-to-image ({repo_id})",
-                             description="A HART pipeline saved with `HARTPipeline.save_pretrained`.",
-                             repo_id=repo_id, size=self.default_size)
+        target = os.path.abspath(save_directory)
+        repo_id = hub.get("repo_id") or os.path.basename(target)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.saving-", dir=os.path.dirname(target))
+        try:
+            super().save_pretrained(staging, safe_serialization=safe_serialization, variant=variant, **kwargs)
+            write_remote_code(staging)
+            card = os.path.join(target, "README.md")
+            if os.path.isfile(card):
+                shutil.copy2(card, os.path.join(staging, "README.md"))
+            else:
+                write_model_card(staging, title=f"HART text-to-image ({repo_id})",
+                                 description="A HART pipeline saved with `HARTPipeline.save_pretrained`.",
+                                 repo_id=repo_id, size=self.default_size)
+            _swap_folder(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if push_to_hub:
             repo_id = create_repo(repo_id, private=hub.get("private"), token=hub.get("token"), exist_ok=True).repo_id
-            self._upload_folder(save_directory, repo_id, token=hub.get("token"), commit_message=hub.get("commit_message"),
+            self._upload_folder(target, repo_id, token=hub.get("token"), commit_message=hub.get("commit_message"),
                                 create_pr=hub.get("create_pr", False))
 
     def push_to_hub(self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None,
                     token: Optional[str] = None, create_pr: bool = False, safe_serialization: bool = True,
                     variant: Optional[str] = None, **kwargs) -> str:
-        """Upload the pipeline (components, ``model_index.json``, HART model card) to the Hub repo ``repo_id``."""
+        """Upload the pipeline (components, ``model_index.json``, its code, HART model card) to ``repo_id``."""
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant, repo_id=repo_id)
-            return self._upload_folder(tmp, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
+            folder = os.path.join(tmp, "pipeline")
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant, repo_id=repo_id)
+            return self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
 
     # ------------------------------------------------------------------------------------------------ sizes
     @property

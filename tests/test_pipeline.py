@@ -153,7 +153,8 @@ def converted(tmp_path_factory):
 def test_converted_folder_is_a_pipeline_with_a_valid_model_card(converted):
     with open(os.path.join(converted, "model_index.json")) as f:
         index = json.load(f)
-    assert index["_class_name"] == "HARTPipeline" and index["text_encoder"] == [None, None]
+    assert index["_class_name"] == ["pipeline_hart", "HARTPipeline"] and index["text_encoder"] == [None, None]
+    assert os.path.isfile(os.path.join(converted, "pipeline_hart.py"))  # the code travels (remote_code.py)
     with open(os.path.join(converted, "README.md")) as f:
         text = f.read()
     assert text.startswith("---\n")
@@ -211,7 +212,8 @@ def test_push_to_hub_uploads_components_index_and_card(pipe, monkeypatch):
     monkeypatch.setattr(HARTPipeline, "_upload_folder", fake_upload)
     pipe.push_to_hub("tiny-hart")
     files = uploaded["user/tiny-hart"]
-    assert "model_index.json" in files and "README.md" in files
+    assert "model_index.json" in files and "README.md" in files and "pipeline_hart.py" in files
+    assert "transformer/modeling_hart.py" in files and "scheduler/scheduling_hart.py" in files
     for component in ("transformer", "residual_head", "vae"):
         assert f"{component}/diffusion_pytorch_model.safetensors" in files
     assert "user/tiny-hart" in uploaded["card"] and "library_name: diffusers" in uploaded["card"]
