@@ -158,25 +158,22 @@ def generate_tokens(
             f"{[tuple(p.shape) for p in prefix]}."
         )
 
-    condition = transformer.embed_context(torch.cat([context, negative_context]))  # (2B, T, C)
-    position_ids = torch.cat([context_position_ids, negative_position_ids]).to(transformer.device)
-    modulation = transformer.head_modulation(condition)
-    levels = transformer.scale_embeddings(num_scales)
-    kv_cache = transformer.new_kv_cache(2 * B, patch_nums, T)
+    contexts = torch.cat([context, negative_context])  # (2B, T, Ct)
+    position_ids = torch.cat([context_position_ids, negative_position_ids]).to(context.device)
+    kv_cache = transformer.new_kv_cache(2 * B, patch_nums, T, device=context.device)
 
     f_hat = torch.zeros(B, codebook.shape[1], last, last, device=codebook.device, dtype=codebook.dtype)
-    x = condition + levels[0]
+    scale_input = None
     indices: List[torch.Tensor] = []
     for si, pn in enumerate(patch_nums):
         ratio = min(si, num_scales - 2) / (num_scales - 1)
-        h = transformer.forward_scale(x, si, patch_nums, position_ids, kv_cache)
-        if si == 0:
-            h = h[:, -1:]  # the 1x1 token is predicted from the last text position
+        # every transformer computation is a forward call: offload hooks see it
+        logits, h = transformer(contexts, position_ids, scale_input, patch_nums, return_dict=False, kv_cache=kv_cache,
+                                scale_index=si)
         if si < len(prefix):
             idx = prefix[si].to(codebook.device)
             tokens = codebook[idx]
         else:
-            logits = transformer.logits(h, modulation)
             t = ramp[si]
             guided = (1 + t) * logits[:B] - t * logits[B:]
             k = default_top_k(si) if top_k is None else top_k
@@ -187,9 +184,9 @@ def generate_tokens(
         if callback is not None:
             callback(si, num_scales, f_hat)
         if si < num_scales - 1:
-            x = transformer.embed_scale(quantizer.next_scale_input(f_hat, patch_nums[si + 1]), levels[si + 1]).repeat(2, 1, 1)
-        else:
-            residual_condition = transformer.residual_condition(h, codebook[idx].repeat(2, 1, 1))
+            scale_input = quantizer.next_scale_input(f_hat, patch_nums[si + 1])
+    (residual_condition,) = transformer(None, position_ids, patch_nums=patch_nums, return_dict=False, kv_cache=kv_cache,
+                                        residual_tokens=codebook[idx].repeat(2, 1, 1))
     return HARTTokens(indices=indices, latent=f_hat, residual_condition=residual_condition, residual_guidance=ramp[-1])
 
 
