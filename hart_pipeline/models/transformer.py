@@ -137,7 +137,7 @@ class HARTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Optional[KVCache] = None,
                 layer: int = 0, block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
-        h, x = self.ln_wo_grad.add_forward(self.attn(self.ln_wo_grad(x), cos, sin, kv_cache, layer, block_ends), x)
+        h, x = self.ln_wo_grad(self.attn(self.ln_wo_grad(x), cos, sin, kv_cache, layer, block_ends), residual=x)
         return x + self.ffn(h)
 
 
