@@ -52,6 +52,12 @@ class HARTResidualHead(ModelMixin, ConfigMixin):
         residual_scale: the residual is modelled divided by this factor (official ``vae_scale``).
     """
 
+    _no_split_modules = ["ResidualBlock"]
+    _repeated_blocks = ["ResidualBlock"]
+    # layerwise casting stores the residual blocks in a low dtype; the embeddings and the output layer
+    # (eps and the variance interpolation the scheduler reads) keep the compute dtype
+    _skip_layerwise_casting_patterns = ["time_embed", "cond_embed", "input_proj", "final_layer", "norm"]
+
     @register_to_config
     def __init__(self, latent_channels: int = 32, condition_dim: int = 1536, width: int = 1024, num_layers: int = 6,
                  residual_scale: float = 0.6):
