@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -16,9 +17,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from huggingface_hub import create_repo
 
 from .hub import write_model_card
@@ -49,7 +51,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from hart_pipeline import HARTPipeline
 
-        >>> pipe = HARTPipeline.from_pretrained("path/to/hart-0.7b-1024px-diffusers", torch_dtype=torch.bfloat16)
+        >>> pipe = HARTPipeline.from_pretrained("path/to/hart-0.7b-1024px-diffusers", dtype=torch.bfloat16)
         >>> pipe.to("cuda")
         >>> image = pipe("a lemur in a magician hat", generator=torch.Generator().manual_seed(0)).images[0]
         >>> image.save("lemur.png")
@@ -87,6 +89,20 @@ def encode_text(tokenizer, text_encoder, prompts: List[str], max_length: int,
         attention_mask=torch.cat([torch.ones_like(system), mask], 1).to(device),
     ).last_hidden_state[:, system.shape[1]:]
     return hidden.float(), mask
+
+
+_THREAD_CALLS = threading.local()  # per thread: the state of each pipeline's call running in it
+
+
+@dataclass
+class _CallState:
+    guidance_scale: Optional[float] = None
+    num_timesteps: Optional[int] = None
+    interrupt: bool = False
+
+
+class _Interrupted(Exception):
+    """Raised by the step callback once ``pipe._interrupt`` is set; ends the call early."""
 
 
 def _swap_folder(staging: str, target: str) -> None:
@@ -132,7 +148,7 @@ class HARTPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->residual_head"
     _exclude_from_cpu_offload = ["vae"]
     _optional_components = ["tokenizer", "text_encoder"]
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["latents", "residual"]
 
     def __init__(
         self,
@@ -357,8 +373,39 @@ class HARTPipeline(DiffusionPipeline):
         if unknown:
             raise ValueError(f"callback tensor inputs {sorted(unknown)} are not among {self._callback_tensor_inputs}.")
 
+    # ------------------------------------------------------------------------------------------------ call state
+    @property
+    def _call_state(self) -> "_CallState":
+        """The state of the call running in this thread (calls in other threads have their own)."""
+        states = _THREAD_CALLS.__dict__.setdefault("states", {})
+        return states.setdefault(id(self), _CallState())
+
+    @property
+    def guidance_scale(self) -> Optional[float]:
+        """The ``guidance_scale`` of the current (or last) call in this thread."""
+        return self._call_state.guidance_scale
+
+    @property
+    def num_timesteps(self) -> Optional[int]:
+        """Callback steps of the current (or last) call in this thread: scales + residual steps."""
+        return self._call_state.num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._call_state.interrupt
+
+    @property
+    def _interrupt(self) -> bool:
+        return self._call_state.interrupt
+
+    @_interrupt.setter
+    def _interrupt(self, value: bool) -> None:
+        """Set ``pipe._interrupt = True`` in a callback to stop the call (diffusers' convention)."""
+        self._call_state.interrupt = value
+
     # ------------------------------------------------------------------------------------------------ call
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: Union[str, List[str], None] = None,
@@ -378,7 +425,8 @@ class HARTPipeline(DiffusionPipeline):
         negative_prompt_attention_mask: Optional[torch.Tensor] = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Optional[Callable[["HARTPipeline", int, int, Dict[str, Any]], Dict[str, Any]]] = None,
+        callback_on_step_end: Union[Callable[["HARTPipeline", int, int, Dict[str, Any]], Dict[str, Any]],
+                                    PipelineCallback, MultiPipelineCallbacks, None] = None,
         callback_on_step_end_tensor_inputs: Optional[List[str]] = None,
         max_sequence_length: Optional[int] = None,
     ):
@@ -398,12 +446,21 @@ class HARTPipeline(DiffusionPipeline):
             generator: a ``torch.Generator`` (or a list with one); the same seed gives the same images.
             prompt_embeds / prompt_attention_mask: precomputed text hidden states (B, T, Ct) and mask.
             output_type: "pil", "np", "pt" or "latent" (the :class:`HARTTokens`).
-            callback_on_step_end: ``fn(pipe, scale_index, scale_index, {"latents": f_hat})`` after every
-                scale; returned "latents" replace the running latent.
+            callback_on_step_end: ``fn(pipe, step, timestep, tensors) -> dict`` (or a diffusers
+                ``PipelineCallback`` / ``MultiPipelineCallbacks``) after every scale and every residual step:
+                ``pipe.num_timesteps`` steps numbered ``0 .. SN-1`` for the scales (``timestep`` = the scale
+                index) then ``SN .. SN+num_inference_steps-1`` for the residual steps (``timestep`` = the
+                diffusion timestep, 999 -> 0). ``tensors`` holds those named in
+                ``callback_on_step_end_tensor_inputs``: "latents" = the running discrete latent (B, Cv, h, w),
+                "residual" = the residual being denoised (B, Cv, h, w), residual steps only. Returned
+                tensors replace them. ``pipe._interrupt = True`` stops the call: the latent so far is decoded
+                (no residual).
             max_sequence_length: text tokens (default: the transformer's ``context_tokens``, 300 released).
 
         Examples:
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         height = height or self.default_size
         width = width or self.default_size
         self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, top_k, top_p,
@@ -417,30 +474,45 @@ class HARTPipeline(DiffusionPipeline):
         if isinstance(negative_prompt, str):
             batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
             negative_prompt = [negative_prompt] * batch
+        patch_nums = self.patch_nums_for_size(height, width)
+        num_scales = len(patch_nums)
+        call = self._call_state
+        call.guidance_scale, call.num_timesteps, call.interrupt = guidance_scale, num_scales + num_inference_steps, False
 
         embeds, positions, neg_embeds, neg_positions = self.encode_prompt(
             prompt, negative_prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask,
             negative_prompt_embeds, negative_prompt_attention_mask, max_sequence_length,
         )
-        patch_nums = self.patch_nums_for_size(height, width)
-        num_scales = len(patch_nums)
+        inputs = set(callback_on_step_end_tensor_inputs or [])
+        running = {}  # the latest running latent: what an interrupted call decodes
 
+        def step_end(step: int, timestep: int, latent: torch.Tensor, residual: Optional[torch.Tensor] = None):
+            """Progress, callback_on_step_end and interrupt after every scale and residual step."""
+            running["latent"] = latent
+            progress.update()
+            out = {}
+            if callback_on_step_end is not None:
+                tensors = {"latents": latent, "residual": residual}
+                out = callback_on_step_end(self, step, timestep, {k: tensors[k] for k in inputs if tensors[k] is not None}) or {}
+                if "latents" in out and out["latents"] is not latent:
+                    latent.copy_(out["latents"])
+            if self.interrupt:
+                raise _Interrupted
+            return out.get("residual")
+
+        tokens = None
         with self.progress_bar(total=num_scales + num_inference_steps) as progress:
-            def on_scale(scale_index: int, total: int, latent: torch.Tensor) -> None:
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latent} if "latents" in (callback_on_step_end_tensor_inputs or []) else {}
-                    out = callback_on_step_end(self, scale_index, scale_index, tensors) or {}
-                    if "latents" in out and out["latents"] is not latent:
-                        latent.copy_(out["latents"])
-                progress.update()
-
-            tokens = generate_tokens(
-                self.transformer, self.vae, embeds, positions, neg_embeds, neg_positions, patch_nums=patch_nums,
-                guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, smooth=smooth, generator=generator,
-                callback=on_scale,
-            )
-            tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
-                                  generator=generator, callback=lambda *_: progress.update())
+            try:
+                tokens = generate_tokens(
+                    self.transformer, self.vae, embeds, positions, neg_embeds, neg_positions, patch_nums=patch_nums,
+                    guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, smooth=smooth, generator=generator,
+                    callback=lambda si, _, latent: step_end(si, si, latent),
+                )
+                tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
+                                      generator=generator,
+                                      callback=lambda i, t, x: step_end(num_scales + i, t, tokens.latent, x))
+            except _Interrupted:
+                tokens = HARTTokens(indices=tokens.indices if tokens is not None else [], latent=running["latent"])
 
         if output_type == "latent":
             images = tokens
@@ -453,4 +525,3 @@ class HARTPipeline(DiffusionPipeline):
         return HARTPipelineOutput(images=images)
 
 
-HARTPipeline.__call__.__doc__ = HARTPipeline.__call__.__doc__.replace("        Examples:\n", EXAMPLE_DOC_STRING)

@@ -12,6 +12,7 @@ which the released weights were tuned with:
 * the unconditional rows use an all-zero text condition with position ids 0.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -211,7 +212,7 @@ def sample_residual(
     num_inference_steps: int = 8,
     generator: Optional[torch.Generator] = None,
     temperature: float = 1.0,
-    callback: Optional[Callable[[int, int], None]] = None,
+    callback: Optional[Callable[[int, int, torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """The residual stage: denoise one residual token per condition row with guidance.
 
@@ -219,6 +220,8 @@ def sample_residual(
         condition: (2N, C): N conditional rows then their N unconditional rows.
         guidance_scale: HART convention ``(1 + g) eps_c - g eps_u``. Exactly 1.0 reproduces the
             official discontinuity (no guidance at all).
+        callback: called as ``callback(step_index, timestep, sample)`` after every step with the (N, Cv)
+            sample in the head's units; a returned tensor replaces the sample.
     Returns:
         (N, Cv) residual tokens, already multiplied by ``residual_scale``.
     Random draws, in order, from ``generator``: the initial noise (N, Cv) (2N with g == 1), then
@@ -233,6 +236,7 @@ def sample_residual(
     def randn(rows: int) -> torch.Tensor:
         return _on_generator_device(lambda d: torch.randn(rows, channels, generator=generator, device=d), generator, device)
 
+    scheduler = copy.copy(scheduler)  # set_timesteps rebinds the tables: concurrent calls never share them
     scheduler.set_timesteps(num_inference_steps)
     x = randn(N if guided else 2 * N)[:N]
     condition = condition.to(dtype) if guided else condition[:N].to(dtype)
@@ -241,7 +245,8 @@ def sample_residual(
         out = guided_head_output(head, x, timestep, condition, guidance_scale) if guided else head(x.to(dtype), timestep, condition).float()
         x = scheduler.step(out, t, x, noise=randn(2 * N)[:N], temperature=temperature).prev_sample
         if callback is not None:
-            callback(i, len(scheduler.timesteps))
+            replaced = callback(i, int(t), x)
+            x = x if replaced is None else replaced
     return x * head.config.residual_scale
 
 
@@ -252,16 +257,27 @@ def add_residual(
     num_inference_steps: int = 8,
     guidance_scale: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
-    callback: Optional[Callable[[int, int], None]] = None,
+    callback: Optional[Callable[[int, int, torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> HARTTokens:
-    """Fill in the continuous residual of AR-stage tokens (guidance defaults to the final scale's)."""
+    """Fill in the continuous residual of AR-stage tokens (guidance defaults to the final scale's).
+
+    ``callback``: as in :func:`sample_residual`, with the sample as a map (B, Cv, h, w).
+    """
     if tokens.residual_condition is None:
         raise ValueError("These tokens carry no residual condition; they must come from generate_tokens().")
     B, Cv, h, w = tokens.latent.shape
     g = tokens.residual_guidance if guidance_scale is None else guidance_scale
+
+    def to_map(x: torch.Tensor) -> torch.Tensor:  # (B * h * w, Cv) -> (B, Cv, h, w)
+        return x.view(B, h * w, Cv).transpose(1, 2).reshape(B, Cv, h, w)
+
+    def on_step(i: int, t: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+        replaced = callback(i, t, to_map(x))
+        return None if replaced is None else replaced.reshape(B, Cv, h * w).transpose(1, 2).reshape(-1, Cv)
+
     res = sample_residual(head, scheduler, tokens.residual_condition.flatten(0, 1), g, num_inference_steps,
-                          generator, callback=callback)
-    residual = res.view(B, h * w, Cv).transpose(1, 2).reshape(B, Cv, h, w).to(tokens.latent.dtype)
+                          generator, callback=None if callback is None else on_step)
+    residual = to_map(res).to(tokens.latent.dtype)
     return HARTTokens(indices=tokens.indices, latent=tokens.latent, residual=residual,
                       residual_condition=tokens.residual_condition, residual_guidance=g)
 

@@ -95,17 +95,6 @@ def test_system_prompt_is_used_by_default(pipe):
     assert not torch.allclose(e1, e2)  # the prompt tokens attend to the system prompt first
 
 
-def test_callback_on_step_end_runs_once_per_scale(pipe):
-    seen = []
-
-    def callback(p, step, timestep, kwargs):
-        seen.append((step, tuple(kwargs["latents"].shape)))
-        return kwargs
-
-    run(pipe, output_type="np", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
-    assert seen == [(si, (1, 16, 4, 4)) for si in range(4)]
-
-
 def test_save_pretrained_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = HARTPipeline.from_pretrained(tmp_path)
