@@ -116,6 +116,50 @@ def _swap_folder(staging: str, target: str) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def encode_prompt_embeds(
+    tokenizer, text_encoder, prompt: Union[str, List[str], None], negative_prompt: Union[str, List[str], None],
+    num_images_per_prompt: int, device: torch.device, max_length: int, system_prompt: Optional[str],
+    prompt_embeds: Optional[torch.Tensor] = None, prompt_attention_mask: Optional[torch.Tensor] = None,
+    negative_prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """:meth:`HARTPipeline.encode_prompt` for any holder of the text components (the modular blocks too).
+
+    A single negative prompt string applies to every prompt (or ``prompt_embeds`` row).
+    """
+
+    def encode(texts: Union[str, List[str]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if tokenizer is None or text_encoder is None:
+            raise ValueError(
+                "This pipeline has no text encoder: pass `prompt_embeds` (and `prompt_attention_mask`), or load "
+                "one with HARTPipeline.from_pretrained(..., text_encoder=..., tokenizer=...)."
+            )
+        hidden, mask = encode_text(tokenizer, text_encoder, [texts] if isinstance(texts, str) else list(texts),
+                                   max_length, system_prompt, device)
+        return hidden, mask.to(device)
+
+    if prompt_embeds is None:
+        prompt_embeds, prompt_attention_mask = encode(prompt)
+    elif prompt_attention_mask is None:
+        prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
+    if isinstance(negative_prompt, str):
+        negative_prompt = [negative_prompt] * prompt_embeds.shape[0]
+    if negative_prompt_embeds is None and negative_prompt is not None:
+        negative_prompt_embeds, negative_prompt_attention_mask = encode(negative_prompt)
+    elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
+        negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.long,
+                                                    device=negative_prompt_embeds.device)
+
+    def expand(embeds: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        positions = position_ids_from_mask(mask)
+        return (embeds.float().to(device).repeat_interleave(num_images_per_prompt, 0),
+                positions.to(device).repeat_interleave(num_images_per_prompt, 0))
+
+    prompt_embeds, prompt_position_ids = expand(prompt_embeds, prompt_attention_mask)
+    if negative_prompt_embeds is None:
+        return prompt_embeds, prompt_position_ids, None, None
+    return (prompt_embeds, prompt_position_ids) + expand(negative_prompt_embeds, negative_prompt_attention_mask)
+
+
 @dataclass
 class HARTPipelineOutput(BaseOutput):
     """
@@ -291,38 +335,12 @@ class HARTPipeline(DiffusionPipeline):
         when neither ``negative_prompt`` nor ``negative_prompt_embeds`` is given: the official
         unconditional branch is then an all-zero condition.
         """
-        device = device or self._execution_device
-        max_length = max_sequence_length or self.transformer.config.context_tokens
-        if prompt_embeds is None:
-            prompt_embeds, prompt_attention_mask = self._encode_text(prompt, max_length, device)
-        elif prompt_attention_mask is None:
-            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
-        if negative_prompt_embeds is None and negative_prompt is not None:
-            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(negative_prompt, max_length, device)
-        elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
-            negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.long,
-                                                        device=negative_prompt_embeds.device)
-
-        def expand(embeds: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            positions = position_ids_from_mask(mask)
-            return (embeds.float().to(device).repeat_interleave(num_images_per_prompt, 0),
-                    positions.to(device).repeat_interleave(num_images_per_prompt, 0))
-
-        prompt_embeds, prompt_position_ids = expand(prompt_embeds, prompt_attention_mask)
-        if negative_prompt_embeds is None:
-            return prompt_embeds, prompt_position_ids, None, None
-        return (prompt_embeds, prompt_position_ids) + expand(negative_prompt_embeds, negative_prompt_attention_mask)
-
-    def _encode_text(self, prompt: Union[str, List[str]], max_length: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.tokenizer is None or self.text_encoder is None:
-            raise ValueError(
-                "This pipeline has no text encoder: pass `prompt_embeds` (and `prompt_attention_mask`), or load "
-                "one with HARTPipeline.from_pretrained(..., text_encoder=..., tokenizer=...)."
-            )
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        hidden, mask = encode_text(self.tokenizer, self.text_encoder, prompts, max_length,
-                                   SYSTEM_PROMPT if self.config.use_system_prompt else None, device)
-        return hidden, mask.to(device)
+        return encode_prompt_embeds(
+            self.tokenizer, self.text_encoder, prompt, negative_prompt, num_images_per_prompt,
+            device or self._execution_device, max_sequence_length or self.transformer.config.context_tokens,
+            SYSTEM_PROMPT if self.config.use_system_prompt else None, prompt_embeds, prompt_attention_mask,
+            negative_prompt_embeds, negative_prompt_attention_mask,
+        )
 
     # ------------------------------------------------------------------------------------------------ checks
     def check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, top_k, top_p,
@@ -471,9 +489,6 @@ class HARTPipeline(DiffusionPipeline):
                 raise ValueError("HART draws every image of a batch from one stream: pass a single torch.Generator.")
             generator = generator[0]
         device = self._execution_device
-        if isinstance(negative_prompt, str):
-            batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-            negative_prompt = [negative_prompt] * batch
         patch_nums = self.patch_nums_for_size(height, width)
         num_scales = len(patch_nums)
         call = self._call_state
