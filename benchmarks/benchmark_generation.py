@@ -164,7 +164,8 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (regional)")
-    parser.add_argument("--attention", choices=["sdpa", "xformers", "math"], help="attention backend (default sdpa)")
+    parser.add_argument("--attention", help="a diffusers attention backend: native (default), flash, _flash_3_hub, sage, "
+                                            "xformers, _native_math, ...")
     parser.add_argument("--official", help="path to a checkout of github.com/mit-han-lab/hart to compare with")
     parser.add_argument("--impl", choices=["ours", "official"], help=argparse.SUPPRESS)  # subprocess mode
     args = parser.parse_args(argv)

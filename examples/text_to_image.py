@@ -21,7 +21,7 @@ args = parser.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
-pipe = load_default_pipeline(torch_dtype=dtype) if args.model is None else HARTPipeline.from_pretrained(args.model, torch_dtype=dtype)
+pipe = load_default_pipeline(dtype=dtype) if args.model is None else HARTPipeline.from_pretrained(args.model, dtype=dtype)
 pipe.to(device)
 
 image = pipe(args.prompt, guidance_scale=4.5, num_inference_steps=8, generator=torch.Generator().manual_seed(args.seed)).images[0]

@@ -8,6 +8,13 @@ from .schedules import PATCH_NUMS, patch_nums_for_resolution
 
 __version__ = "0.1.0"
 
+if __name__ == "hart_pipeline":  # not in a folder's bundled copy (remote_code.py)
+    import diffusers
+
+    # `DiffusionPipeline.from_pretrained` resolves a string `_class_name` in diffusers' namespace: after
+    # `import hart_pipeline` it finds folders whose index names "HARTPipeline" (e.g. the built-in model).
+    diffusers.HARTPipeline = HARTPipeline
+
 __all__ = [
     "PATCH_NUMS",
     "HARTHybridTokenizer",

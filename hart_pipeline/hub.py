@@ -22,7 +22,7 @@ small residual diffusion head for the continuous detail.
 import torch
 from hart_pipeline import HARTPipeline
 
-pipe = HARTPipeline.from_pretrained("{repo_id}", torch_dtype=torch.{dtype})
+pipe = HARTPipeline.from_pretrained("{repo_id}", dtype=torch.{dtype})
 image = pipe("{example_prompt}", generator=torch.Generator().manual_seed(0)).images[0]
 image.save("image.png")
 ```

@@ -6,21 +6,26 @@ Stages: text encoding (``encode_prompt``) -> next-scale AR prediction of the dis
 """
 
 import os
+import shutil
 import tempfile
+import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from huggingface_hub import create_repo
 
 from .hub import write_model_card
 from .loading import check_pipeline_folder
 from .models.residual_head import HARTResidualHead
+from .remote_code import to_installed_index, write_remote_code
 from .models.tokenizer import HARTHybridTokenizer
 from .models.transformer import HARTTransformer
 from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens
@@ -48,7 +53,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from hart_pipeline import HARTPipeline
 
-        >>> pipe = HARTPipeline.from_pretrained("path/to/hart-0.7b-1024px-diffusers", torch_dtype=torch.bfloat16)
+        >>> pipe = HARTPipeline.from_pretrained("path/to/hart-0.7b-1024px-diffusers", dtype=torch.bfloat16)
         >>> pipe.to("cuda")
         >>> image = pipe("a lemur in a magician hat", generator=torch.Generator().manual_seed(0)).images[0]
         >>> image.save("lemur.png")
@@ -63,19 +68,20 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_text(tokenizer, text_encoder, prompts: List[str], max_length: int,
-                system_prompt: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                system_prompt: Optional[str] = None, device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The official ``encode_prompts``: fp32 hidden states (B, max_length, C) and the mask (B, max_length).
 
     Each prompt is padded to ``max_length`` separately; with a ``system_prompt`` the text model reads
     ``[system, prompt]`` and only the prompt positions are kept. Every position (pads included) is
-    returned: HART attends to all of them.
+    returned: HART attends to all of them. ``device``: where the text encoder runs (default its own; the
+    pipeline passes its execution device, which offloaded encoders do not report).
     """
     ids = torch.stack([
         tokenizer(p, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids[0]
         for p in prompts
     ])
     mask = (ids != tokenizer.pad_token_id).long()
-    device = text_encoder.device
+    device = device or text_encoder.device
     if system_prompt is None:
         return text_encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float(), mask
     system = tokenizer(system_prompt, max_length=max_length, truncation=True, return_tensors="pt").input_ids
@@ -85,6 +91,75 @@ def encode_text(tokenizer, text_encoder, prompts: List[str], max_length: int,
         attention_mask=torch.cat([torch.ones_like(system), mask], 1).to(device),
     ).last_hidden_state[:, system.shape[1]:]
     return hidden.float(), mask
+
+
+_THREAD_CALLS = threading.local()  # per thread: the state of each pipeline's call running in it
+
+
+@dataclass
+class _CallState:
+    guidance_scale: Optional[float] = None
+    num_timesteps: Optional[int] = None
+    interrupt: bool = False
+
+
+class _Interrupted(Exception):
+    """Raised by the step callback once ``pipe._interrupt`` is set; ends the call early."""
+
+
+def _swap_folder(staging: str, target: str) -> None:
+    """Replace ``target`` by the complete folder ``staging`` with renames only (no partial state in ``target``)."""
+    if not os.path.exists(target):
+        os.rename(staging, target)
+        return
+    retired = f"{target}.replaced-{uuid.uuid4().hex[:8]}"
+    os.rename(target, retired)
+    os.rename(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def encode_prompt_embeds(
+    tokenizer, text_encoder, prompt: Union[str, List[str], None], negative_prompt: Union[str, List[str], None],
+    num_images_per_prompt: int, device: torch.device, max_length: int, system_prompt: Optional[str],
+    prompt_embeds: Optional[torch.Tensor] = None, prompt_attention_mask: Optional[torch.Tensor] = None,
+    negative_prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """:meth:`HARTPipeline.encode_prompt` for any holder of the text components (the modular blocks too).
+
+    A single negative prompt string applies to every prompt (or ``prompt_embeds`` row).
+    """
+
+    def encode(texts: Union[str, List[str]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if tokenizer is None or text_encoder is None:
+            raise ValueError(
+                "This pipeline has no text encoder: pass `prompt_embeds` (and `prompt_attention_mask`), or load "
+                "one with HARTPipeline.from_pretrained(..., text_encoder=..., tokenizer=...)."
+            )
+        hidden, mask = encode_text(tokenizer, text_encoder, [texts] if isinstance(texts, str) else list(texts),
+                                   max_length, system_prompt, device)
+        return hidden, mask.to(device)
+
+    if prompt_embeds is None:
+        prompt_embeds, prompt_attention_mask = encode(prompt)
+    elif prompt_attention_mask is None:
+        prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
+    if isinstance(negative_prompt, str):
+        negative_prompt = [negative_prompt] * prompt_embeds.shape[0]
+    if negative_prompt_embeds is None and negative_prompt is not None:
+        negative_prompt_embeds, negative_prompt_attention_mask = encode(negative_prompt)
+    elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
+        negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.long,
+                                                    device=negative_prompt_embeds.device)
+
+    def expand(embeds: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        positions = position_ids_from_mask(mask)
+        return (embeds.float().to(device).repeat_interleave(num_images_per_prompt, 0),
+                positions.to(device).repeat_interleave(num_images_per_prompt, 0))
+
+    prompt_embeds, prompt_position_ids = expand(prompt_embeds, prompt_attention_mask)
+    if negative_prompt_embeds is None:
+        return prompt_embeds, prompt_position_ids, None, None
+    return (prompt_embeds, prompt_position_ids) + expand(negative_prompt_embeds, negative_prompt_attention_mask)
 
 
 @dataclass
@@ -114,7 +189,7 @@ def check_components(**components) -> None:
 
 def check_model_index(path: str, pipeline_class: str) -> dict:
     """Read a pipeline's ``model_index.json``: a JSON object for ``pipeline_class`` whose HART entries name HART classes."""
-    index = read_json_object(path)
+    index = to_installed_index(read_json_object(path), __package__)  # bundled-code names -> this package
     class_name = index.get("_class_name")
     if class_name != pipeline_class:
         raise ValueError(f"{path} holds a {class_name} pipeline, not a {pipeline_class}.")
@@ -146,9 +221,13 @@ class HARTPipeline(DiffusionPipeline):
             was trained that way; models trained with another text encoder usually are not).
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer->residual_head->vae"
+    # The vae (hybrid tokenizer) is used at every scale of the AR loop (codebook, running latent), so it
+    # stays on the execution device under every offload mode: 112M parameters of the released model's
+    # 2.4B (text encoder 1.5B, transformer 0.83B), where offloading it would move it twice per scale.
+    model_cpu_offload_seq = "text_encoder->transformer->residual_head"
+    _exclude_from_cpu_offload = ["vae"]
     _optional_components = ["tokenizer", "text_encoder"]
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["latents", "residual"]
 
     def __init__(
         self,
@@ -169,13 +248,24 @@ class HARTPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae.downsample_factor if vae is not None else 16)
 
     @classmethod
+    def load_config(cls, *args, **kwargs):
+        """``model_index.json`` as the installed package reads it: the bundled-code names (see
+        :mod:`~hart_pipeline.remote_code`) map to this package, so no remote code runs."""
+        out = super().load_config(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (to_installed_index(out[0], __package__),) + tuple(out[1:])
+        return to_installed_index(out, __package__)
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "HARTPipeline":
         """Load a HART pipeline folder or Hub repo (see ``DiffusionPipeline.from_pretrained``).
 
-        A local folder in the official layout (``llm/`` + ``tokenizer/``) or any other non-HART folder
-        gives a ValueError that says how to get a loadable one; so do an invalid ``model_index.json``,
-        unreadable component files and (for HART's own components, see :mod:`hart_pipeline.loading`)
-        wrong configs or weights. ``dtype`` / ``torch_dtype`` must be floating torch dtypes (or their names).
+        The folder's own copy of the code is not run (``DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)`` runs it). A local folder in the official layout (``llm/`` + ``tokenizer/``)
+        or any other non-HART folder gives a ValueError that says how to get a loadable one; so do an invalid
+        ``model_index.json``, unreadable component files and (for HART's own components, see
+        :mod:`hart_pipeline.loading`) wrong configs or weights. ``dtype`` / ``torch_dtype`` must be floating
+        torch dtypes (or their names).
         """
         path = str(pretrained_model_name_or_path)
         if os.path.isdir(path):
@@ -207,31 +297,54 @@ class HARTPipeline(DiffusionPipeline):
 
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True, variant: Optional[str] = None,
                         push_to_hub: bool = False, **kwargs) -> None:
-        """Save every component (safetensors), ``model_index.json`` and a model card (README.md, kept if present).
+        """Save every component (safetensors), ``model_index.json``, the pipeline code and a model card.
 
-        With ``push_to_hub=True`` the folder is then uploaded to ``repo_id`` (default: the folder name),
-        like diffusers pipelines, but with HART's model card.
+        The folder is complete for ``HARTPipeline.from_pretrained`` and, without this package, for
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` (the code is bundled, see
+        :mod:`~hart_pipeline.remote_code`). The save is atomic: everything is written beside the folder,
+        then swapped in, so an interrupted save leaves the previous folder intact. An existing README.md
+        (model card) is kept; other files of a previous folder are not. With ``push_to_hub=True`` the folder
+        is then uploaded to ``repo_id`` (default: the folder name), with HART's model card.
         """
         hub = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
-        repo_id = hub.get("repo_id") or os.path.basename(os.path.abspath(save_directory))
-        if not os.path.isfile(os.path.join(save_directory, "README.md")):
-            write_model_card(save_directory, title=f"HART text-to-image ({repo_id})",
-                             description="A HART pipeline saved with `HARTPipeline.save_pretrained`.",
-                             repo_id=repo_id, size=self.default_size)
+        target = os.path.abspath(save_directory)
+        repo_id = hub.get("repo_id") or os.path.basename(target)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.saving-", dir=os.path.dirname(target))
+        try:
+            super().save_pretrained(staging, safe_serialization=safe_serialization, variant=variant, **kwargs)
+            write_remote_code(staging)
+            card = os.path.join(target, "README.md")
+            if os.path.isfile(card):
+                shutil.copy2(card, os.path.join(staging, "README.md"))
+            else:
+                write_model_card(staging, title=f"HART text-to-image ({repo_id})",
+                                 description="A HART pipeline saved with `HARTPipeline.save_pretrained`.",
+                                 repo_id=repo_id, size=self.default_size)
+            _swap_folder(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if push_to_hub:
             repo_id = create_repo(repo_id, private=hub.get("private"), token=hub.get("token"), exist_ok=True).repo_id
-            self._upload_folder(save_directory, repo_id, token=hub.get("token"), commit_message=hub.get("commit_message"),
+            self._upload_folder(target, repo_id, token=hub.get("token"), commit_message=hub.get("commit_message"),
                                 create_pr=hub.get("create_pr", False))
 
     def push_to_hub(self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None,
                     token: Optional[str] = None, create_pr: bool = False, safe_serialization: bool = True,
                     variant: Optional[str] = None, **kwargs) -> str:
-        """Upload the pipeline (components, ``model_index.json``, HART model card) to the Hub repo ``repo_id``."""
+        """Upload the pipeline (components, ``model_index.json``, its code, HART model card) to ``repo_id``."""
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant, repo_id=repo_id)
-            return self._upload_folder(tmp, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
+            folder = os.path.join(tmp, "pipeline")
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant, repo_id=repo_id)
+            return self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
+
+    def enable_group_offload(self, onload_device: torch.device, *args, exclude_modules=None, **kwargs) -> None:
+        """diffusers' group offloading of every component but the vae (see ``_exclude_from_cpu_offload``)."""
+        exclude = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules or [])
+        exclude += [name for name in self._exclude_from_cpu_offload if name not in exclude]
+        super().enable_group_offload(onload_device, *args, exclude_modules=exclude, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ sizes
     @property
@@ -275,36 +388,11 @@ class HARTPipeline(DiffusionPipeline):
         device = self._execution_device if device is None else check_device("device", device)
         max_length = self.transformer.config.context_tokens if max_sequence_length is None else check_int(
             "max_sequence_length", max_sequence_length, 1)
-        if prompt_embeds is None:
-            prompt_embeds, prompt_attention_mask = self._encode_text(prompt, max_length, device)
-        elif prompt_attention_mask is None:
-            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
-        if negative_prompt_embeds is None and negative_prompt is not None:
-            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(negative_prompt, max_length, device)
-        elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
-            negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.long,
-                                                        device=negative_prompt_embeds.device)
-
-        def expand(embeds: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            positions = position_ids_from_mask(mask)
-            return (embeds.float().to(device).repeat_interleave(num_images_per_prompt, 0),
-                    positions.to(device).repeat_interleave(num_images_per_prompt, 0))
-
-        prompt_embeds, prompt_position_ids = expand(prompt_embeds, prompt_attention_mask)
-        if negative_prompt_embeds is None:
-            return prompt_embeds, prompt_position_ids, None, None
-        return (prompt_embeds, prompt_position_ids) + expand(negative_prompt_embeds, negative_prompt_attention_mask)
-
-    def _encode_text(self, prompt: Union[str, List[str]], max_length: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.tokenizer is None or self.text_encoder is None:
-            raise ValueError(
-                "This pipeline has no text encoder: pass `prompt_embeds` (and `prompt_attention_mask`), or load "
-                "one with HARTPipeline.from_pretrained(..., text_encoder=..., tokenizer=...)."
-            )
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        hidden, mask = encode_text(self.tokenizer, self.text_encoder, prompts, max_length,
-                                   SYSTEM_PROMPT if self.config.use_system_prompt else None)
-        return hidden, mask.to(device)
+        return encode_prompt_embeds(
+            self.tokenizer, self.text_encoder, prompt, negative_prompt, num_images_per_prompt, device, max_length,
+            SYSTEM_PROMPT if self.config.use_system_prompt else None, prompt_embeds, prompt_attention_mask,
+            negative_prompt_embeds, negative_prompt_attention_mask,
+        )
 
     # ------------------------------------------------------------------------------------------------ checks
     def check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, top_k, top_p,
@@ -322,8 +410,39 @@ class HARTPipeline(DiffusionPipeline):
             output_types=OUTPUT_TYPES,
         )
 
+    # ------------------------------------------------------------------------------------------------ call state
+    @property
+    def _call_state(self) -> "_CallState":
+        """The state of the call running in this thread (calls in other threads have their own)."""
+        states = _THREAD_CALLS.__dict__.setdefault("states", {})
+        return states.setdefault(id(self), _CallState())
+
+    @property
+    def guidance_scale(self) -> Optional[float]:
+        """The ``guidance_scale`` of the current (or last) call in this thread."""
+        return self._call_state.guidance_scale
+
+    @property
+    def num_timesteps(self) -> Optional[int]:
+        """Callback steps of the current (or last) call in this thread: scales + residual steps."""
+        return self._call_state.num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._call_state.interrupt
+
+    @property
+    def _interrupt(self) -> bool:
+        return self._call_state.interrupt
+
+    @_interrupt.setter
+    def _interrupt(self, value: bool) -> None:
+        """Set ``pipe._interrupt = True`` in a callback to stop the call (diffusers' convention)."""
+        self._call_state.interrupt = value
+
     # ------------------------------------------------------------------------------------------------ call
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: Union[str, List[str], None] = None,
@@ -343,7 +462,8 @@ class HARTPipeline(DiffusionPipeline):
         negative_prompt_attention_mask: Optional[torch.Tensor] = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Optional[Callable[["HARTPipeline", int, int, Dict[str, Any]], Dict[str, Any]]] = None,
+        callback_on_step_end: Union[Callable[["HARTPipeline", int, int, Dict[str, Any]], Dict[str, Any]],
+                                    PipelineCallback, MultiPipelineCallbacks, None] = None,
         callback_on_step_end_tensor_inputs: Optional[List[str]] = None,
         max_sequence_length: Optional[int] = None,
     ):
@@ -363,12 +483,21 @@ class HARTPipeline(DiffusionPipeline):
             generator: a ``torch.Generator`` (or a list with one); the same seed gives the same images.
             prompt_embeds / prompt_attention_mask: precomputed text hidden states (B, T, Ct) and mask.
             output_type: "pil", "np", "pt" or "latent" (the :class:`HARTTokens`).
-            callback_on_step_end: ``fn(pipe, scale_index, scale_index, {"latents": f_hat})`` after every
-                scale; returned "latents" replace the running latent.
+            callback_on_step_end: ``fn(pipe, step, timestep, tensors) -> dict`` (or a diffusers
+                ``PipelineCallback`` / ``MultiPipelineCallbacks``) after every scale and every residual step:
+                ``pipe.num_timesteps`` steps numbered ``0 .. SN-1`` for the scales (``timestep`` = the scale
+                index) then ``SN .. SN+num_inference_steps-1`` for the residual steps (``timestep`` = the
+                diffusion timestep, 999 -> 0). ``tensors`` holds those named in
+                ``callback_on_step_end_tensor_inputs``: "latents" = the running discrete latent (B, Cv, h, w),
+                "residual" = the residual being denoised (B, Cv, h, w), residual steps only. Returned
+                tensors replace them. ``pipe._interrupt = True`` stops the call: the latent so far is decoded
+                (no residual).
             max_sequence_length: text tokens (default: the transformer's ``context_tokens``, 300 released).
 
         Examples:
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         (height, width, num_inference_steps, guidance_scale, top_k, top_p, num_images_per_prompt, generator,
          max_sequence_length) = self.check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, top_k, top_p,
@@ -376,36 +505,48 @@ class HARTPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs, negative_prompt_attention_mask, generator, smooth, return_dict,
             callback_on_step_end, max_sequence_length)
         device = self._execution_device
-        if isinstance(negative_prompt, str):
-            batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-            negative_prompt = [negative_prompt] * batch
+        patch_nums = self.patch_nums_for_size(height, width)
+        num_scales = len(patch_nums)
+        call = self._call_state
+        call.guidance_scale, call.num_timesteps, call.interrupt = guidance_scale, num_scales + num_inference_steps, False
 
         embeds, positions, neg_embeds, neg_positions = self.encode_prompt(
             prompt, negative_prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask,
             negative_prompt_embeds, negative_prompt_attention_mask, max_sequence_length,
         )
-        patch_nums = self.patch_nums_for_size(height, width)
-        num_scales = len(patch_nums)
+        inputs = set(callback_on_step_end_tensor_inputs or [])
+        running = {}  # the latest running latent: what an interrupted call decodes
 
+        def step_end(step: int, timestep: int, latent: torch.Tensor, residual: Optional[torch.Tensor] = None):
+            """Progress, callback_on_step_end and interrupt after every scale and residual step."""
+            running["latent"] = latent
+            progress.update()
+            out = {}
+            if callback_on_step_end is not None:
+                tensors = {k: v for k, v in (("latents", latent), ("residual", residual)) if v is not None}
+                out = check_callback_output(
+                    callback_on_step_end(self, step, timestep, {k: v for k, v in tensors.items() if k in inputs}), tensors)
+                if "latents" in out and out["latents"] is not latent:
+                    latent.copy_(out["latents"])
+            if self.interrupt:
+                raise _Interrupted
+            return out.get("residual")
+
+        tokens = None
         with self.progress_bar(total=num_scales + num_inference_steps) as progress:
-            def on_scale(scale_index: int, total: int, latent: torch.Tensor) -> None:
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latent} if "latents" in (callback_on_step_end_tensor_inputs or []) else {}
-                    out = check_callback_output(callback_on_step_end(self, scale_index, scale_index, tensors),
-                                                {"latents": latent})
-                    if "latents" in out and out["latents"] is not latent:
-                        latent.copy_(out["latents"])
-                progress.update()
+            try:
+                tokens = generate_tokens(
+                    self.transformer, self.vae, embeds, positions, neg_embeds, neg_positions, patch_nums=patch_nums,
+                    guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, smooth=smooth, generator=generator,
+                    callback=lambda si, _, latent: step_end(si, si, latent),
+                )
+                tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
+                                      generator=generator,
+                                      callback=lambda i, t, x: step_end(num_scales + i, t, tokens.latent, x))
+            except _Interrupted:
+                tokens = HARTTokens(indices=tokens.indices if tokens is not None else [], latent=running["latent"])
 
-            tokens = generate_tokens(
-                self.transformer, self.vae, embeds, positions, neg_embeds, neg_positions, patch_nums=patch_nums,
-                guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, smooth=smooth, generator=generator,
-                callback=on_scale,
-            )
-            tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
-                                  generator=generator, callback=lambda *_: progress.update())
-
-        check_finite_output("latents", tokens.latent + tokens.residual)
+        check_finite_output("latents", tokens.latent if tokens.residual is None else tokens.latent + tokens.residual)
         if output_type == "latent":
             images = tokens
         else:
@@ -417,4 +558,3 @@ class HARTPipeline(DiffusionPipeline):
         return HARTPipelineOutput(images=images)
 
 
-HARTPipeline.__call__.__doc__ = HARTPipeline.__call__.__doc__.replace("        Examples:\n", EXAMPLE_DOC_STRING)

@@ -12,6 +12,7 @@ which the released weights were tuned with:
 * the unconditional rows use an all-zero text condition with position ids 0.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -158,25 +159,22 @@ def generate_tokens(
             f"{[tuple(p.shape) for p in prefix]}."
         )
 
-    condition = transformer.embed_context(torch.cat([context, negative_context]))  # (2B, T, C)
-    position_ids = torch.cat([context_position_ids, negative_position_ids]).to(transformer.device)
-    modulation = transformer.head_modulation(condition)
-    levels = transformer.scale_embeddings(num_scales)
-    kv_cache = transformer.new_kv_cache(2 * B, patch_nums, T)
+    contexts = torch.cat([context, negative_context])  # (2B, T, Ct)
+    position_ids = torch.cat([context_position_ids, negative_position_ids]).to(context.device)
+    kv_cache = transformer.new_kv_cache(2 * B, patch_nums, T, device=context.device)
 
     f_hat = torch.zeros(B, codebook.shape[1], last, last, device=codebook.device, dtype=codebook.dtype)
-    x = condition + levels[0]
+    scale_input = None
     indices: List[torch.Tensor] = []
     for si, pn in enumerate(patch_nums):
         ratio = min(si, num_scales - 2) / (num_scales - 1)
-        h = transformer.forward_scale(x, si, patch_nums, position_ids, kv_cache)
-        if si == 0:
-            h = h[:, -1:]  # the 1x1 token is predicted from the last text position
+        # every transformer computation is a forward call: offload hooks see it
+        logits, h = transformer(contexts, position_ids, scale_input, patch_nums, return_dict=False, kv_cache=kv_cache,
+                                scale_index=si)
         if si < len(prefix):
             idx = prefix[si].to(codebook.device)
             tokens = codebook[idx]
         else:
-            logits = transformer.logits(h, modulation)
             t = ramp[si]
             guided = (1 + t) * logits[:B] - t * logits[B:]
             k = default_top_k(si) if top_k is None else top_k
@@ -187,9 +185,9 @@ def generate_tokens(
         if callback is not None:
             callback(si, num_scales, f_hat)
         if si < num_scales - 1:
-            x = transformer.embed_scale(quantizer.next_scale_input(f_hat, patch_nums[si + 1]), levels[si + 1]).repeat(2, 1, 1)
-        else:
-            residual_condition = transformer.residual_condition(h, codebook[idx].repeat(2, 1, 1))
+            scale_input = quantizer.next_scale_input(f_hat, patch_nums[si + 1])
+    (residual_condition,) = transformer(None, position_ids, patch_nums=patch_nums, return_dict=False, kv_cache=kv_cache,
+                                        residual_tokens=codebook[idx].repeat(2, 1, 1))
     return HARTTokens(indices=indices, latent=f_hat, residual_condition=residual_condition, residual_guidance=ramp[-1])
 
 
@@ -214,7 +212,7 @@ def sample_residual(
     num_inference_steps: int = 8,
     generator: Optional[torch.Generator] = None,
     temperature: float = 1.0,
-    callback: Optional[Callable[[int, int], None]] = None,
+    callback: Optional[Callable[[int, int, torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """The residual stage: denoise one residual token per condition row with guidance.
 
@@ -222,6 +220,8 @@ def sample_residual(
         condition: (2N, C): N conditional rows then their N unconditional rows.
         guidance_scale: HART convention ``(1 + g) eps_c - g eps_u``. Exactly 1.0 reproduces the
             official discontinuity (no guidance at all).
+        callback: called as ``callback(step_index, timestep, sample)`` after every step with the (N, Cv)
+            sample in the head's units; a returned tensor replaces the sample.
     Returns:
         (N, Cv) residual tokens, already multiplied by ``residual_scale``.
     Random draws, in order, from ``generator``: the initial noise (N, Cv) (2N with g == 1), then
@@ -236,6 +236,7 @@ def sample_residual(
     def randn(rows: int) -> torch.Tensor:
         return _on_generator_device(lambda d: torch.randn(rows, channels, generator=generator, device=d), generator, device)
 
+    scheduler = copy.copy(scheduler)  # set_timesteps rebinds the tables: concurrent calls never share them
     scheduler.set_timesteps(num_inference_steps)
     x = randn(N if guided else 2 * N)[:N]
     condition = condition.to(dtype) if guided else condition[:N].to(dtype)
@@ -244,7 +245,8 @@ def sample_residual(
         out = guided_head_output(head, x, timestep, condition, guidance_scale) if guided else head(x.to(dtype), timestep, condition).float()
         x = scheduler.step(out, t, x, noise=randn(2 * N)[:N], temperature=temperature).prev_sample
         if callback is not None:
-            callback(i, len(scheduler.timesteps))
+            replaced = callback(i, int(t), x)
+            x = x if replaced is None else replaced
     return x * head.config.residual_scale
 
 
@@ -255,16 +257,27 @@ def add_residual(
     num_inference_steps: int = 8,
     guidance_scale: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
-    callback: Optional[Callable[[int, int], None]] = None,
+    callback: Optional[Callable[[int, int, torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> HARTTokens:
-    """Fill in the continuous residual of AR-stage tokens (guidance defaults to the final scale's)."""
+    """Fill in the continuous residual of AR-stage tokens (guidance defaults to the final scale's).
+
+    ``callback``: as in :func:`sample_residual`, with the sample as a map (B, Cv, h, w).
+    """
     if tokens.residual_condition is None:
         raise ValueError("These tokens carry no residual condition; they must come from generate_tokens().")
     B, Cv, h, w = tokens.latent.shape
     g = tokens.residual_guidance if guidance_scale is None else guidance_scale
+
+    def to_map(x: torch.Tensor) -> torch.Tensor:  # (B * h * w, Cv) -> (B, Cv, h, w)
+        return x.view(B, h * w, Cv).transpose(1, 2).reshape(B, Cv, h, w)
+
+    def on_step(i: int, t: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+        replaced = callback(i, t, to_map(x))
+        return None if replaced is None else replaced.reshape(B, Cv, h * w).transpose(1, 2).reshape(-1, Cv)
+
     res = sample_residual(head, scheduler, tokens.residual_condition.flatten(0, 1), g, num_inference_steps,
-                          generator, callback=callback)
-    residual = res.view(B, h * w, Cv).transpose(1, 2).reshape(B, Cv, h, w).to(tokens.latent.dtype)
+                          generator, callback=None if callback is None else on_step)
+    residual = to_map(res).to(tokens.latent.dtype)
     return HARTTokens(indices=tokens.indices, latent=tokens.latent, residual=residual,
                       residual_condition=tokens.residual_condition, residual_guidance=g)
 

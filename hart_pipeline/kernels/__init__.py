@@ -10,7 +10,7 @@ from typing import Tuple
 import torch
 
 from . import reference
-from .attention import BACKENDS, attention, check_backend
+from .attention import attention
 
 try:
     from . import triton_kernels
@@ -46,5 +46,4 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return (triton_kernels if _use_fused(x) else reference).rope(x, cos, sin)
 
 
-__all__ = ["BACKENDS", "add_rms_norm", "attention", "check_backend", "fused_available", "rms_norm", "rope",
-           "set_fused_kernels"]
+__all__ = ["add_rms_norm", "attention", "fused_available", "rms_norm", "rope", "set_fused_kernels"]

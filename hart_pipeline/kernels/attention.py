@@ -1,54 +1,37 @@
-"""Attention backends for HART: PyTorch SDPA (default), xformers, or the explicit reference ("math").
+"""HART's attention through diffusers' ``dispatch_attention_fn``, with the block-causal pattern by scale.
+
+The backend is diffusers' (``"native"`` SDPA by default, ``"flash"``, ``"_flash_3_hub"``, ``"sage"``,
+``"xformers"``, ``"_native_math"``...): set per model with ``transformer.set_attention_backend(name)``,
+for a region with ``diffusers.attention_backend(name)``, or globally with ``DIFFUSERS_ATTN_BACKEND``.
 
 ``block_ends`` expresses HART's block-causal pattern without a dense L x L mask: tokens are ordered by
 scale, and a query of a block attends to every key up to the end of its block, so each block is one
-unmasked attention over a key prefix.
+unmasked attention over a key prefix (any backend, no mask support needed).
 """
 
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-
-BACKENDS = ("sdpa", "xformers", "math")
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 
-def _xformers_available() -> bool:
-    try:
-        import xformers.ops  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"Unknown attention backend {name!r}; choose one of {BACKENDS}.")
-    if name == "xformers" and not _xformers_available():
-        raise ValueError("The xformers backend needs `pip install xformers`; use 'sdpa' otherwise.")
-    return name
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
-    """Unmasked attention of q (B, H, Lq, hd) over k, v (B, H, Lk, hd) -> (B, H, Lq, hd)."""
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if backend == "xformers":
-        import xformers.ops as xops
-
-        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-        return out.transpose(1, 2)
-    weights = (q * scale) @ k.transpose(-2, -1)
-    return weights.softmax(dim=-1) @ v
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str = "sdpa",
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: Optional[str] = None,
               block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Softmax attention; with ``block_ends`` (increasing, last = L) the block-causal pattern by scale."""
+    """Softmax attention of q (B, H, Lq, hd) over k, v (B, H, Lk, hd) -> (B, H, Lq, hd).
+
+    ``backend`` None = diffusers' active backend. With ``block_ends`` (increasing, last = Lq = Lk) the
+    block-causal pattern by scale.
+    """
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # diffusers' layout is (B, L, H, hd); the native backend permutes back to these very tensors
+        out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, backend=backend)
+        return out.transpose(1, 2)
+
     if block_ends is None:
-        return _attend(q, k, v, scale, backend)
+        return attend(q, k, v)
     outputs, start = [], 0
     for end in block_ends:
-        outputs.append(_attend(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale, backend))
+        outputs.append(attend(q[:, :, start:end], k[:, :, :end], v[:, :, :end]))
         start = end
     return torch.cat(outputs, dim=2)

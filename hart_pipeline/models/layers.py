@@ -5,7 +5,7 @@ activation dtype); the hot ops dispatch to :mod:`hart_pipeline.kernels`.
 """
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,11 +25,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
-
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(norm(x + residual), x + residual)`` in one pass."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)`` in one pass (a forward
+        call either way, so offload hooks see it)."""
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 

@@ -60,6 +60,11 @@ class HARTResidualHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
     """
 
     _config_rules = CONFIG_RULES
+    _no_split_modules = ["ResidualBlock"]
+    _repeated_blocks = ["ResidualBlock"]
+    # layerwise casting stores the residual blocks in a low dtype; the embeddings and the output layer
+    # (eps and the variance interpolation the scheduler reads) keep the compute dtype
+    _skip_layerwise_casting_patterns = ["time_embed", "cond_embed", "input_proj", "final_layer", "norm"]
 
     @register_to_config
     def __init__(self, latent_channels: int = 32, condition_dim: int = 1536, width: int = 1024, num_layers: int = 6,

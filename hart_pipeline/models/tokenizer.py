@@ -298,9 +298,13 @@ class HybridQuantizer(nn.Module):
     def quantize(
         self, latent_f: torch.Tensor, patch_nums: Sequence[int]
     ) -> Tuple[List[torch.LongTensor], torch.Tensor]:
-        """Split ``latent_f`` (B, Cv, h, w) into per-scale indices and the continuous residual (B, Cv, h, w)."""
+        """Split ``latent_f`` (B, Cv, h, w) into per-scale indices and the continuous residual (B, Cv, h, w).
+
+        Runs in the codebook's dtype (fp32 unless the whole model was cast), as the official quantizer
+        runs in fp32 whatever the encoder's precision.
+        """
         num_scales = len(patch_nums)
-        rest = latent_f.clone()
+        rest = latent_f.to(self.embedding.weight.dtype, copy=True)
         indices = []
         for si, pn in enumerate(patch_nums):
             z = rest if si == num_scales - 1 else F.interpolate(rest, size=(pn, pn), mode="area")
@@ -336,6 +340,9 @@ class HybridQuantizer(nn.Module):
 class HARTHybridTokenizer(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""The HART hybrid tokenizer (discrete multi-scale tokens + continuous residual).
 
+    Loaded in a low ``dtype`` the quantizer (codebook, phi convs: the running latent ``f_hat``) stays
+    fp32, as the official code runs it with autocast disabled.
+
     Parameters:
         in_channels (`int`): image channels.
         latent_channels (`int`): latent / codebook channels ``Cv``.
@@ -350,6 +357,9 @@ class HARTHybridTokenizer(StrictLoadingMixin, ModelMixin, ConfigMixin):
     """
 
     _config_rules = CONFIG_RULES
+    _keep_in_fp32_modules = ["quantizer"]
+    _no_split_modules = ["_ResnetBlock", "_AttnBlock", "HybridQuantizer"]
+    _skip_layerwise_casting_patterns = ["quant_conv", "conv_in", "conv_out", "norm"]
 
     @register_to_config
     def __init__(

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
@@ -29,10 +30,12 @@ from .layers import RMSNorm, TimestepEmbedding, apply_rope, image_positions, ima
 
 
 class KVCache:
-    """Preallocated keys and values of every block for one generation (no ``torch.cat`` growth).
+    """The state of one generation: preallocated keys and values of every block (no ``torch.cat``
+    growth), and what scale 0 computes once for all scales.
 
     Blocks write the keys of the current call at ``[length, length + l)``; :meth:`advance` moves the
-    write position once all blocks have run.
+    write position once all blocks have run. One cache per generation: concurrent generations never
+    share state.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_length: int, head_dim: int,
@@ -41,6 +44,13 @@ class KVCache:
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
+        self.modulation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the head's AdaLN of the condition
+        self.level_embeddings: Optional[torch.Tensor] = None  # (num_scales, C)
+        self.hidden_states: Optional[torch.Tensor] = None  # last-block output of the latest scale
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, l, hd) of ``layer`` and return all keys/values so far (B, H, length + l, hd)."""
@@ -55,15 +65,40 @@ class KVCache:
         self.length += num_tokens
 
 
-class HARTAttention(nn.Module):
+class HARTAttnProcessor:
+    """HART's attention: fused qkv projection with q/v biases, RoPE, the KV cache, then diffusers'
+    ``dispatch_attention_fn`` (so diffusers' backends apply) with the block-causal pattern by scale."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn: "HARTAttention", hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 kv_cache: Optional[KVCache] = None, layer: int = 0,
+                 block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
+        B, L, C = hidden_states.shape
+        bias = torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
+        # the projection runs as a module call (offload hooks, quantized layers see it), its bias added after
+        qkv = (attn.qkv_proj(hidden_states) + bias).view(B, L, 3, attn.num_heads, attn.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        out = kernels.attention(q, k, v, attn.scale, self._attention_backend, block_ends)
+        return attn.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class HARTAttention(nn.Module, AttentionModuleMixin):
     """Multi-head self-attention with a fused qkv projection, q/v biases (no k bias) and RoPE.
 
     The softmax scale is ``0.25 / sqrt(head_dim)`` (VAR's scale without l2-normalised q/k).
     """
 
+    _default_processor_cls = HARTAttnProcessor
+    _available_processors = [HARTAttnProcessor]
+    _supports_qkv_fusion = False  # already fused
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        self.backend = "sdpa"
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}.")
         self.num_heads = num_heads
@@ -73,18 +108,11 @@ class HARTAttention(nn.Module):
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
+        self.set_processor(self._default_processor_cls())
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Optional[KVCache] = None,
                 layer: int = 0, block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
-        B, L, C = x.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv_proj.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)
-        out = kernels.attention(q, k, v, self.scale, self.backend, block_ends)
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+        return self.processor(self, x, cos, sin, kv_cache, layer, block_ends)
 
 
 class HARTFeedForward(nn.Module):
@@ -111,7 +139,7 @@ class HARTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Optional[KVCache] = None,
                 layer: int = 0, block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
-        h, x = self.ln_wo_grad.add_forward(self.attn(self.ln_wo_grad(x), cos, sin, kv_cache, layer, block_ends), x)
+        h, x = self.ln_wo_grad(self.attn(self.ln_wo_grad(x), cos, sin, kv_cache, layer, block_ends), residual=x)
         return x + self.ffn(h)
 
 
@@ -137,13 +165,16 @@ class AdaLNBeforeHead(nn.Module):
 class HARTTransformerOutput(BaseOutput):
     """
     Args:
-        logits: (B, sum(pn^2), V) fp32; entry j predicts image token j (0 is the 1x1 scale).
+        logits: (B, sum(pn^2), V) fp32; entry j predicts image token j (0 is the 1x1 scale). With a
+            KV cache: the logits (N, pn^2, V) of the scale that was run.
         hidden_states: (B, sum(pn^2), C) last-block outputs at the same positions (the residual
             diffusion head is conditioned on those of the final scale).
+        residual_condition: (N, pn^2, C) the residual head's condition (with ``residual_tokens``).
     """
 
-    logits: torch.Tensor
-    hidden_states: torch.Tensor
+    logits: Optional[torch.Tensor] = None
+    hidden_states: Optional[torch.Tensor] = None
+    residual_condition: Optional[torch.Tensor] = None
 
 
 # Types and ranges of the config fields (upper bounds catch typos that would exhaust memory).
@@ -177,6 +208,10 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
     _no_split_modules = ["HARTBlock"]
     _repeated_blocks = ["HARTBlock"]  # transformer.compile_repeated_blocks(dynamic=True): regional torch.compile
     _config_rules = CONFIG_RULES  # fields config.json must state (StrictLoadingMixin)
+    # layerwise casting stores the trunk's Linear weights in a low dtype; the input embeddings and the
+    # logits head keep the compute dtype (token choices follow the logits)
+    _skip_layerwise_casting_patterns = ["word_embed", "context_embed", "lvl_embed", "head", "norm"]
+    _skip_keys = ["kv_cache"]  # accelerate hooks leave the generation state where it is
 
     @register_to_config
     def __init__(
@@ -223,10 +258,9 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
             )
         return self.context_embed(self.context_norm(context.to(self.dtype)))
 
-    def scale_embeddings(self, num_scales: int) -> torch.Tensor:
+    def scale_embeddings(self, num_scales: int, device: Optional[torch.device] = None) -> torch.Tensor:
         """Sinusoidal level embedding of every scale index: (num_scales, C); level 0 is the text."""
-        levels = torch.arange(num_scales, device=self.device)
-        return self.lvl_embed(levels)
+        return self.lvl_embed(torch.arange(num_scales, device=device))
 
     def embed_scale(self, scale_input: torch.Tensor, level_embedding: torch.Tensor) -> torch.Tensor:
         """Latent tokens of one scale (N, l, Cv) + that scale's level embedding (C,) -> (N, l, C)."""
@@ -235,12 +269,12 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
     def image_rope(self, patch_nums: Sequence[int], scale_indices: Sequence[int],
                    context_position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """2D RoPE tables of the given scales, concatenated: (N, sum l, hd)."""
-        positions = torch.cat([image_positions(patch_nums[si], patch_nums[-1], self.device) for si in scale_indices])
-        offset = context_position_ids[:, -1].to(self.device)
-        return image_rope(positions, offset, self.head_dim, self.config.rope_theta, self.dtype)
+        device = context_position_ids.device
+        positions = torch.cat([image_positions(patch_nums[si], patch_nums[-1], device) for si in scale_indices])
+        return image_rope(positions, context_position_ids[:, -1], self.head_dim, self.config.rope_theta, self.dtype)
 
     def text_rope(self, context_position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return text_rope(context_position_ids.to(self.device), self.head_dim, self.config.rope_theta, self.dtype)
+        return text_rope(context_position_ids, self.head_dim, self.config.rope_theta, self.dtype)
 
     # ----------------------------------------------------------------------------- trunk and head
     def head_modulation(self, condition: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -250,12 +284,6 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
     def logits(self, hidden_states: torch.Tensor, modulation: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Last-block hidden states (N, l, C) -> fp32 logits (N, l, V)."""
         return self.head(self.head_nm(hidden_states, modulation)).float()
-
-    def set_attention_backend(self, backend: str) -> None:
-        """Attention implementation of every block: "sdpa" (default), "xformers" or "math" (explicit)."""
-        kernels.check_backend(backend)
-        for block in self.blocks:
-            block.attn.backend = backend
 
     def run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Optional[KVCache] = None,
                    block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -268,11 +296,15 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
             kv_cache.advance(x.shape[1])
         return x
 
-    def new_kv_cache(self, batch_size: int, patch_nums: Sequence[int], num_context_tokens: int) -> KVCache:
-        """An empty cache sized for one generation: T text tokens + every image token but the 1x1."""
+    def new_kv_cache(self, batch_size: int, patch_nums: Sequence[int], num_context_tokens: int,
+                     device: Optional[torch.device] = None) -> KVCache:
+        """An empty cache sized for one generation: T text tokens + every image token but the 1x1.
+
+        ``device``: where the generation runs (the pipeline's execution device; default the model's).
+        """
         max_length = num_context_tokens + sum(pn * pn for pn in patch_nums) - 1
         return KVCache(len(self.blocks), batch_size, self.config.num_heads, max_length, self.head_dim,
-                       self.dtype, self.device)
+                       self.dtype, device or self.device)
 
     def forward_scale(self, x: torch.Tensor, scale_index: int, patch_nums: Sequence[int],
                       context_position_ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
@@ -293,23 +325,41 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     def forward(
         self,
-        context: torch.Tensor,
+        context: Optional[torch.Tensor],
         context_position_ids: torch.Tensor,
-        scale_inputs: torch.Tensor,
+        scale_inputs: Optional[torch.Tensor] = None,
         patch_nums: Optional[Sequence[int]] = None,
         return_dict: bool = True,
+        kv_cache: Optional[KVCache] = None,
+        scale_index: int = 0,
+        residual_tokens: Optional[torch.Tensor] = None,
     ):
-        """Teacher-forced forward over all scales at once.
+        """Teacher-forced forward over all scales at once, or (with ``kv_cache``) one step of sampling.
+
+        Every computation of a generation goes through here, so offload hooks (model, sequential, group)
+        see each one.
 
         Args:
-            context: (B, T, Ct) text hidden states (zero rows for dropped conditions).
+            context: (B, T, Ct) text hidden states (zero rows for dropped conditions). With a KV cache:
+                the (N, T, Ct) rows of every CFG half, read at ``scale_index`` 0 only.
             context_position_ids: (B, T) int64 text position ids.
             scale_inputs: (B, sum(pn^2) - 1, Cv) inputs of scales 1.. (the tokenizer's
-                ``teacher_forcing_input`` of the ground-truth indices).
+                ``teacher_forcing_input`` of the ground-truth indices). With a KV cache: the (N / k,
+                pn^2, Cv) input of ``scale_index`` (None at 0), shared by the k CFG halves of the cache.
             patch_nums: the patch schedule; defaults to ``config.patch_nums``.
+            kv_cache: the generation state from :meth:`new_kv_cache`: run scale ``scale_index`` only.
+            residual_tokens: with a KV cache, (N, pn^2, Cv) codebook vectors of the tokens chosen at the
+                last scale run: return the residual head's condition instead of running a scale.
         Returns:
-            :class:`HARTTransformerOutput` with logits (B, sum(pn^2), V) and hidden states.
+            :class:`HARTTransformerOutput` with logits (B, sum(pn^2), V) and hidden states (with a KV
+            cache those of the scale run; at scale 0 the last text position), or the residual condition.
         """
+        if kv_cache is not None:
+            if residual_tokens is not None:
+                condition = self.residual_condition(kv_cache.hidden_states, residual_tokens)
+                return HARTTransformerOutput(residual_condition=condition) if return_dict else (condition,)
+            logits, h = self._forward_cached(context, context_position_ids, scale_inputs, patch_nums, kv_cache, scale_index)
+            return HARTTransformerOutput(logits=logits, hidden_states=h) if return_dict else (logits, h)
         patch_nums = tuple(patch_nums or self.config.patch_nums)
         num_image = sum(pn * pn for pn in patch_nums)
         if scale_inputs.shape[1] != num_image - 1:
@@ -319,8 +369,8 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
             )
         num_scales, T = len(patch_nums), context.shape[1]
         levels = torch.cat([torch.zeros(T, dtype=torch.long)] +
-                           [torch.full((pn * pn,), si, dtype=torch.long) for si, pn in enumerate(patch_nums) if si]).to(self.device)
-        level_emb = self.scale_embeddings(num_scales)[levels]  # (L, C)
+                           [torch.full((pn * pn,), si, dtype=torch.long) for si, pn in enumerate(patch_nums) if si]).to(context.device)
+        level_emb = self.scale_embeddings(num_scales, context.device)[levels]  # (L, C)
         condition = self.embed_context(context)
         x = torch.cat([condition, self.word_embed(scale_inputs.to(self.dtype))], dim=1) + level_emb
         text_cos, text_sin = self.text_rope(context_position_ids)
@@ -332,6 +382,25 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
         if not return_dict:
             return logits, h
         return HARTTransformerOutput(logits=logits, hidden_states=h)
+
+    def _forward_cached(self, context: Optional[torch.Tensor], context_position_ids: torch.Tensor,
+                        scale_input: Optional[torch.Tensor], patch_nums: Optional[Sequence[int]], kv_cache: KVCache,
+                        scale_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One scale of sampling against the KV cache: logits (N, l, V) and hidden states (N, l, C)."""
+        patch_nums = tuple(patch_nums or self.config.patch_nums)
+        if scale_index == 0:
+            condition = self.embed_context(context)  # (N, T, C)
+            kv_cache.modulation = self.head_modulation(condition)
+            kv_cache.level_embeddings = self.scale_embeddings(len(patch_nums), condition.device)
+            x = condition + kv_cache.level_embeddings[0]
+        else:
+            x = self.embed_scale(scale_input, kv_cache.level_embeddings[scale_index])
+            x = x.repeat(kv_cache.batch_size // x.shape[0], 1, 1)
+        h = self.forward_scale(x, scale_index, patch_nums, context_position_ids, kv_cache)
+        if scale_index == 0:
+            h = h[:, -1:]  # the 1x1 token is predicted from the last text position
+        kv_cache.hidden_states = h
+        return self.logits(h, kv_cache.modulation), h
 
     def residual_condition(self, hidden_states: torch.Tensor, discrete_tokens: torch.Tensor) -> torch.Tensor:
         """Condition of the residual diffusion head: ``decoder_norm(h + word_embed(codebook[idx]))``.
