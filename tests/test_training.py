@@ -100,31 +100,54 @@ def test_transformer_training_steps_lower_both_losses():
     assert ce_last < 0.8 * ce_first and diff_last < diff_first
 
 
-@pytest.mark.parametrize("keep_fraction, kept", [(0.2, 3), (0.25, 4), (0.5, 8), (1.0, 16)])
-def test_token_dropping_keeps_the_asked_fraction(keep_fraction, kept):
+@pytest.mark.parametrize("num_tokens, kept", [(16, 16), (64, 32)])
+def test_token_dropping_keeps_at_least_32(num_tokens, kept):
+    positions = losses.sample_kept_positions(3, num_tokens, generator=torch.Generator().manual_seed(0))
+    assert positions.shape == (3, kept)
+    assert all(torch.equal(row, row.unique()) for row in positions)  # ascending, distinct
+
+
+def test_token_dropping_rate_follows_the_truncated_normal():
+    g = torch.Generator().manual_seed(0)
+    kept = torch.tensor([losses.sample_kept_positions(1, 4096, generator=g).shape[1] for _ in range(400)]) / 4096
+    # mask rate ~ N(1, 0.25) truncated to [0.5, 1]: mean 1 - 0.25 (phi(0) - phi(-2)) / (Phi(0) - Phi(-2)) = 0.8193
+    assert abs((1 - kept).mean().item() - 0.8193) < 0.015
+    assert kept.max() <= 0.5 and kept.min() >= 0  # never more than half kept, spread over the range
+    assert kept.std() > 0.08
+
+
+def test_dropped_tokens_leave_the_pass_and_the_head_sees_every_kept_token():
     tokenizer, transformer, head, tables, context, positions, tokens = _transformer_setup()
+    kept = torch.tensor([[0, 3, 5, 9, 15]] * 8)
     seen = {}
     original = losses.diffusion_loss
 
-    def spy(head, tables, x0, condition, generator=None):
+    def spy(head, tables, x0, condition, timesteps=None, noise=None, generator=None):
         seen["rows"] = x0.shape[0]
-        return original(head, tables, x0, condition, generator=generator)
+        return original(head, tables, x0, condition, timesteps=timesteps, noise=noise, generator=generator)
 
     losses.diffusion_loss = spy
     try:
         out = losses.transformer_loss(transformer, head, tokenizer, tables, context, positions, tokens.indices,
-                                      tokens.residual, keep_fraction=keep_fraction, diffusion_batch_mul=4)
+                                      tokens.residual, diffusion_batch_mul=4, cond_drop_prob=0.0,
+                                      draws=losses.TransformerTrainingDraws(kept_positions=kept))
     finally:
         losses.diffusion_loss = original
-    assert out.num_kept == kept
-    assert seen["rows"] == 8 * kept * 4  # B x kept final-scale tokens x diffusion_batch_mul
+    assert out.num_kept == 5 and out.logits.shape[1] == 1 + 4 + 9 + 5
+    assert seen["rows"] == 8 * 5 * 4  # B x every kept final-scale token x diffusion_batch_mul
+    # earlier scales are untouched; kept final-scale tokens see only earlier scales and each other
+    with torch.no_grad():
+        scale_inputs = tokenizer.quantizer.teacher_forcing_input(tokens.indices, PATCH_NUMS)
+        full = transformer(context, positions, scale_inputs, PATCH_NUMS).logits
+    assert torch.allclose(out.logits[:, :14], full[:, :14], atol=1e-5)
+    assert not torch.allclose(out.logits[:, 14:], full[:, 14 + kept[0]], atol=1e-3)  # fewer keys for the kept
 
 
 def test_condition_dropout_zeroes_the_dropped_rows():
     tokenizer, transformer, head, tables, context, positions, tokens = _transformer_setup()
     out = losses.transformer_loss(transformer, head, tokenizer, tables, context, positions, tokens.indices,
                                   tokens.residual, cond_drop_prob=0.5, generator=torch.Generator().manual_seed(0))
-    assert 0 < int(out.dropped.sum()) < 8
+    assert 0 < int(out.draws.dropped.sum()) < 8
 
 
 def test_trainers_write_a_pipeline_folder_that_loads_and_resumes(tmp_path):

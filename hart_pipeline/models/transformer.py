@@ -281,6 +281,7 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         context_position_ids: torch.Tensor,
         scale_inputs: torch.Tensor,
         patch_nums: Optional[Sequence[int]] = None,
+        kept_positions: Optional[torch.Tensor] = None,
         return_dict: bool = True,
     ):
         """Teacher-forced forward over all scales at once.
@@ -291,8 +292,13 @@ class HARTTransformer(ModelMixin, ConfigMixin):
             scale_inputs: (B, sum(pn^2) - 1, Cv) inputs of scales 1.. (the tokenizer's
                 ``teacher_forcing_input`` of the ground-truth indices).
             patch_nums: the patch schedule; defaults to ``config.patch_nums``.
+            kept_positions: (B, k) int64, ascending row-major positions of the final-scale tokens that
+                stay in the sequence (HART's training-time token dropping); the others are removed
+                from the pass. The kept tokens keep their 2D RoPE positions and attend to every earlier
+                scale and to each other. None keeps all.
         Returns:
-            :class:`HARTTransformerOutput` with logits (B, sum(pn^2), V) and hidden states.
+            :class:`HARTTransformerOutput` with logits (B, sum(pn^2), V) and hidden states; with
+            ``kept_positions`` the final scale has only the k kept entries, in that order.
         """
         patch_nums = tuple(patch_nums or self.config.patch_nums)
         num_image = sum(pn * pn for pn in patch_nums)
@@ -302,6 +308,7 @@ class HARTTransformer(ModelMixin, ConfigMixin):
                 f"sum(pn^2) - 1 = {num_image - 1}."
             )
         num_scales, T = len(patch_nums), context.shape[1]
+        num_last = patch_nums[-1] ** 2
         levels = torch.cat([torch.zeros(T, dtype=torch.long)] +
                            [torch.full((pn * pn,), si, dtype=torch.long) for si, pn in enumerate(patch_nums) if si]).to(self.device)
         level_emb = self.scale_embeddings(num_scales)[levels]  # (L, C)
@@ -310,7 +317,15 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         text_cos, text_sin = self.text_rope(context_position_ids)
         img_cos, img_sin = self.image_rope(patch_nums, range(1, num_scales), context_position_ids)
         cos, sin = torch.cat([text_cos, img_cos], 1), torch.cat([text_sin, img_sin], 1)
-        block_ends = [T + sum(pn * pn for pn in patch_nums[1:si + 1]) for si in range(num_scales)]  # block-causal
+        if kept_positions is not None:  # drop final-scale tokens: gather the kept rows of x and of the RoPE tables
+            kept_positions = kept_positions.to(self.device)
+            if kept_positions.ndim != 2 or kept_positions.shape[0] != x.shape[0]:
+                raise ValueError(f"kept_positions must be (B, k) with B = {x.shape[0]}; got {tuple(kept_positions.shape)}.")
+            prefix = x.shape[1] - num_last
+            rows = torch.cat([torch.arange(prefix, device=self.device).expand(x.shape[0], -1),
+                              prefix + kept_positions], dim=1)  # (B, prefix + k)
+            x, cos, sin = (t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1])) for t in (x, cos, sin))
+        block_ends = [T + sum(pn * pn for pn in patch_nums[1:si + 1]) for si in range(num_scales - 1)] + [x.shape[1]]
         h = self.run_blocks(x, cos, sin, block_ends=block_ends)[:, T - 1:]
         logits = self.logits(h, self.head_modulation(condition))
         if not return_dict:

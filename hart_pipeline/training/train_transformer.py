@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head_layers", type=int, default=3)
     p.add_argument("--residual_scale", type=float, default=0.6)
     # loss
-    p.add_argument("--keep_fraction", type=float, default=0.2, help="share of final-scale tokens for the diffusion loss")
+    p.add_argument("--no_token_dropping", action="store_true",
+                   help="keep every final-scale token in the pass (default: HART's dropping, at least 32 kept)")
     p.add_argument("--cond_drop_prob", type=float, default=0.1)
     p.add_argument("--diffusion_batch_mul", type=int, default=4)
     p.add_argument("--diffusion_weight", type=float, default=1.0)
@@ -203,7 +204,7 @@ def main(argv=None):
     sched.set_timesteps(sched.config.num_train_timesteps)
     tables = {k: v.clone() for k, v in sched.tables.items()}
     module = TransformerTrainingModule(
-        transformer, head, tokenizer, tables, patch_nums=patch_nums, keep_fraction=args.keep_fraction,
+        transformer, head, tokenizer, tables, patch_nums=patch_nums, token_dropping=not args.no_token_dropping,
         cond_drop_prob=args.cond_drop_prob, diffusion_batch_mul=args.diffusion_batch_mul,
         diffusion_weight=args.diffusion_weight,
     )
