@@ -20,6 +20,7 @@ from diffusers.utils import BaseOutput
 from huggingface_hub import create_repo
 
 from .hub import write_model_card
+from .lora import HARTLoraLoaderMixin
 from .models.residual_head import HARTResidualHead
 from .models.tokenizer import HARTHybridTokenizer
 from .models.transformer import HARTTransformer
@@ -96,7 +97,7 @@ class HARTPipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor, HARTTokens]
 
 
-class HARTPipeline(DiffusionPipeline):
+class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
     r"""Text-to-image generation with HART (Hybrid Autoregressive Transformer, arXiv 2410.10812).
 
     Args:

@@ -10,6 +10,7 @@ State-dict keys follow the official ``diffloss.net.*`` weights.
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 
 from .layers import TimestepEmbedding, modulate
@@ -41,7 +42,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class HARTResidualHead(ModelMixin, ConfigMixin):
+class HARTResidualHead(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""The residual diffusion MLP (MAR's ``SimpleMLPAdaLN``).
 
     Args:

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
@@ -76,7 +77,11 @@ class HARTAttention(nn.Module):
                 layer: int = 0, block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv_proj.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        if isinstance(self.qkv_proj, nn.Linear):
+            qkv = F.linear(x, self.qkv_proj.weight, bias)
+        else:  # a PEFT (LoRA) layer wraps the projection: call it so the adapter contributes
+            qkv = self.qkv_proj(x) + bias
+        qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
@@ -144,7 +149,7 @@ class HARTTransformerOutput(BaseOutput):
     hidden_states: torch.Tensor
 
 
-class HARTTransformer(ModelMixin, ConfigMixin):
+class HARTTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""The HART autoregressive transformer.
 
     Text hidden states (B, T, ``context_dim``) enter as T prefix tokens (1D RoPE on their position
