@@ -10,8 +10,9 @@ head and patch schedules, one step = forward + backward + AdamW update.
     # released depth (24) is extrapolated from them
     python benchmarks/benchmark_training.py --resolution 512 --layers 1 2 --device cpu
 
-Each step draws its own mask rate (the official truncated normal), so the figure is an average over
-``--steps`` steps after ``--warmup`` unmeasured ones, with the same seeds for both settings.
+With dropping, every step keeps the expected number of final-scale tokens (the mean over 1000 draws of
+the official truncated-normal mask rate; at random positions), so a few steps give a stable figure;
+times are averaged over ``--steps`` steps after ``--warmup`` unmeasured ones.
 """
 
 import argparse
@@ -26,7 +27,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hart_pipeline import HARTHybridTokenizer, HARTResidualHead, HARTResidualScheduler, HARTTransformer  # noqa: E402
 from hart_pipeline.schedules import PATCH_NUMS  # noqa: E402
-from hart_pipeline.training.losses import transformer_loss  # noqa: E402
+from hart_pipeline.training.losses import (  # noqa: E402
+    TransformerTrainingDraws,
+    sample_kept_positions,
+    transformer_loss,
+)
+
+
+def expected_kept(num_tokens: int, draws: int = 1000) -> int:
+    """Mean number of final-scale tokens HART's dropping keeps (``sample_kept_positions``), rounded."""
+    g = torch.Generator().manual_seed(0)
+    return round(sum(sample_kept_positions(1, num_tokens, generator=g).shape[1] for _ in range(draws)) / draws)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -50,21 +61,23 @@ def time_steps(args, resolution: int, layers: int, token_dropping: bool) -> Dict
     residual = (0.1 * torch.randn(B, Cv, side, side, generator=g)).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     loss_g = torch.Generator().manual_seed(args.seed)
-    seconds, kept = [], []
+    num_kept = expected_kept(side * side) if token_dropping else side * side
+    seconds = []
     for step in range(args.warmup + args.steps):
+        kept = torch.rand(B, side * side, generator=loss_g).argsort(1)[:, :num_kept].sort(1).values
         sync()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32"):
             out = transformer_loss(transformer, head, vae, scheduler.tables, context, positions, indices, residual,
-                                   patch_nums=patch_nums, token_dropping=token_dropping, generator=loss_g)
+                                   patch_nums=patch_nums, generator=loss_g,
+                                   draws=TransformerTrainingDraws(kept_positions=kept))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
         if step >= args.warmup:
             seconds.append(time.perf_counter() - start)
-            kept.append(out.num_kept / side**2)
-    return {"seconds": sum(seconds) / len(seconds), "kept": sum(kept) / len(kept),
+    return {"seconds": sum(seconds) / len(seconds), "kept": num_kept / side**2,
             "sequence": 300 + sum(pn * pn for pn in patch_nums) - 1}
 
 

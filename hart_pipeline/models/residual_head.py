@@ -53,6 +53,8 @@ class HARTResidualHead(ModelMixin, ConfigMixin, PeftAdapterMixin):
         residual_scale: the residual is modelled divided by this factor (official ``vae_scale``).
     """
 
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(self, latent_channels: int = 32, condition_dim: int = 1536, width: int = 1024, num_layers: int = 6,
                  residual_scale: float = 0.6):
@@ -62,13 +64,17 @@ class HARTResidualHead(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.input_proj = nn.Linear(latent_channels, width)
         self.res_blocks = nn.ModuleList(ResidualBlock(width) for _ in range(num_layers))
         self.final_layer = FinalLayer(width, 2 * latent_channels)
+        self.gradient_checkpointing = False
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """sample (N, Cv), timestep (N,) on the 1000-step training scale, condition (N, C) -> (N, 2 Cv)."""
         x = self.input_proj(sample)
         y = self.time_embed(timestep) + self.cond_embed(condition)
         for block in self.res_blocks:
-            x = block(x, y)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(block, x, y)
+            else:
+                x = block(x, y)
         return self.final_layer(x, y)
 
 

@@ -119,12 +119,18 @@ class _Level(nn.Module):
             [_ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_blocks)]
         )
         self.attn = nn.ModuleList([_AttnBlock(out_channels) for _ in range(num_blocks)] if with_attention else [])
+        self.gradient_checkpointing = False  # enable_gradient_checkpointing(): recompute each block in backward
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(module, x)
+        return module(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
-            x = block(x)
+            x = self._run(block, x)
             if len(self.attn) > 0:
-                x = self.attn[i](x)
+                x = self._run(self.attn[i], x)
         return x
 
 
@@ -328,6 +334,8 @@ class HybridQuantizer(nn.Module):
 class HARTHybridTokenizer(ModelMixin, ConfigMixin):
     r"""The HART hybrid tokenizer (discrete multi-scale tokens + continuous residual).
 
+    ``enable_gradient_checkpointing()`` recomputes the encoder / decoder blocks in the backward pass.
+
     Parameters:
         in_channels (`int`): image channels.
         latent_channels (`int`): latent / codebook channels ``Cv``.
@@ -340,6 +348,8 @@ class HARTHybridTokenizer(ModelMixin, ConfigMixin):
         num_phi (`int`): number of shared phi convs.
         patch_nums (`Tuple[int]`): default patch schedule (token-map sides, coarse to fine).
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
