@@ -42,14 +42,18 @@ def expected_kept(num_tokens: int, draws: int = 1000) -> int:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def time_steps(args, resolution: int, layers: int, token_dropping: bool) -> Dict[str, float]:
+def time_steps(args, resolution: int, layers: int) -> Dict[str, float]:
+    """Mean seconds per step with all final-scale tokens and with dropping; the two settings alternate step
+    by step on the same models, so both see the same machine load."""
     device, patch_nums = torch.device(args.device), PATCH_NUMS[resolution]
     torch.manual_seed(args.seed)
     vae = HARTHybridTokenizer(patch_nums=patch_nums).to(device).eval().requires_grad_(False)
     transformer = HARTTransformer(num_layers=layers, embed_dim=args.width, num_heads=args.width // 64,
                                   context_dim=args.width, patch_nums=patch_nums).to(device)
     head = HARTResidualHead(condition_dim=args.width).to(device)
-    transformer.gradient_checkpointing = args.gradient_checkpointing
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+        head.enable_gradient_checkpointing()
     scheduler = HARTResidualScheduler()
     scheduler.set_timesteps(scheduler.config.num_train_timesteps)
     optimizer = torch.optim.AdamW(list(transformer.parameters()) + list(head.parameters()), lr=1e-4)
@@ -60,25 +64,25 @@ def time_steps(args, resolution: int, layers: int, token_dropping: bool) -> Dict
     indices = [torch.randint(0, vae.config.vocab_size, (B, pn * pn), generator=g).to(device) for pn in patch_nums]
     residual = (0.1 * torch.randn(B, Cv, side, side, generator=g)).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    loss_g = torch.Generator().manual_seed(args.seed)
-    num_kept = expected_kept(side * side) if token_dropping else side * side
-    seconds = []
+    num_kept = {"all": side * side, "dropping": expected_kept(side * side)}
+    seconds = {name: [] for name in num_kept}
     for step in range(args.warmup + args.steps):
-        kept = torch.rand(B, side * side, generator=loss_g).argsort(1)[:, :num_kept].sort(1).values
-        sync()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32"):
-            out = transformer_loss(transformer, head, vae, scheduler.tables, context, positions, indices, residual,
-                                   patch_nums=patch_nums, generator=loss_g,
-                                   draws=TransformerTrainingDraws(kept_positions=kept))
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        if step >= args.warmup:
-            seconds.append(time.perf_counter() - start)
-    return {"seconds": sum(seconds) / len(seconds), "kept": num_kept / side**2,
-            "sequence": 300 + sum(pn * pn for pn in patch_nums) - 1}
+        for name, k in num_kept.items():
+            kept = torch.rand(B, side * side, generator=g).argsort(1)[:, :k].sort(1).values
+            sync()
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32"):
+                out = transformer_loss(transformer, head, vae, scheduler.tables, context, positions, indices, residual,
+                                       patch_nums=patch_nums, generator=g,
+                                       draws=TransformerTrainingDraws(kept_positions=kept))
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            if step >= args.warmup:
+                seconds[name].append(time.perf_counter() - start)
+    return {"all": sum(seconds["all"]) / args.steps, "dropping": sum(seconds["dropping"]) / args.steps,
+            "kept": num_kept["dropping"] / side**2, "sequence": 300 + sum(pn * pn for pn in patch_nums) - 1}
 
 
 def main(argv: List[str] = None) -> None:
@@ -104,12 +108,11 @@ def main(argv: List[str] = None) -> None:
     for resolution in args.resolution:
         times = {}
         for layers in args.layers:
-            full = time_steps(args, resolution, layers, token_dropping=False)
-            dropped = time_steps(args, resolution, layers, token_dropping=True)
-            times[layers] = (full["seconds"], dropped["seconds"])
-            print(f"  {resolution}px (sequence {full['sequence']}), {layers} layers: all tokens {full['seconds']:.3f} s/step; "
-                  f"dropping (kept {100 * dropped['kept']:.0f}% of the final scale) {dropped['seconds']:.3f} s/step "
-                  f"-> speed-up x{full['seconds'] / dropped['seconds']:.2f}")
+            t = time_steps(args, resolution, layers)
+            times[layers] = (t["all"], t["dropping"])
+            print(f"  {resolution}px (sequence {t['sequence']}), {layers} layers: all tokens {t['all']:.3f} s/step; "
+                  f"dropping (kept {100 * t['kept']:.0f}% of the final scale) {t['dropping']:.3f} s/step "
+                  f"-> speed-up x{t['all'] / t['dropping']:.2f}", flush=True)
         if len(times) >= 2:
             lo, hi = min(times), max(times)
             full, dropped = ((times[lo][i] + (args.target_layers - lo) * (times[hi][i] - times[lo][i]) / (hi - lo))

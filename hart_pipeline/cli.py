@@ -18,6 +18,12 @@ def _generate(args: argparse.Namespace) -> None:
 
     from .pipeline_hart import HARTPipeline
 
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("give either a PROMPT or --prompts FILE (with --out-dir DIR)")
+    if args.prompts:  # under `accelerate launch`, each process takes its own device
+        from accelerate import PartialState
+
+        args.device = args.device or str(PartialState().device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.model is None:
@@ -27,8 +33,15 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         pipe = HARTPipeline.from_pretrained(args.model, torch_dtype=dtype)
     pipe.to(device)
-    generator = torch.Generator().manual_seed(args.seed)
     size = args.size or pipe.default_size
+    if args.prompts:
+        from .distributed import generate_from_file
+
+        for path in generate_from_file(pipe, args.prompts, args.out_dir, seed=args.seed, height=size, width=size,
+                                       num_inference_steps=args.steps, guidance_scale=args.cfg):
+            print(path)
+        return
+    generator = torch.Generator().manual_seed(args.seed)
     images = pipe(args.prompt, height=size, width=size, num_inference_steps=args.steps, guidance_scale=args.cfg,
                   num_images_per_prompt=args.num_images, generator=generator).images
     root, ext = os.path.splitext(args.out)
@@ -51,7 +64,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate an image from a prompt")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?")
+    gen.add_argument("--prompts", metavar="FILE", help="one prompt per line: image i -> OUT_DIR/{i:05d}.png, seed + i "
+                     "(split over the processes of `accelerate launch`)")
+    gen.add_argument("--out-dir", default="images", help="output folder for --prompts")
     gen.add_argument("--model", help="HART pipeline folder or Hub id (default: the built-in small model)")
     gen.add_argument("--out", default="image.png", help="output PNG (several images get _0, _1, ... suffixes)")
     gen.add_argument("--seed", type=int, default=0)

@@ -128,47 +128,42 @@ def main(argv=None):
                desc="tokenizer", unit="step", dynamic_ncols=True)
     start = time.time()
     running = {}
-    epoch = session.step // max(1, len(loader))
     done = session.step >= args.train_steps
-    while not done:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        for batch in loader:
-            module.train()
-            with accelerator.autocast():
-                out = module(batch["image"])
-            accelerator.backward(out.loss)
-            if args.grad_clip > 0:
-                accelerator.clip_grad_norm_(module.parameters(), args.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            session.step += 1
-            tok = session.unwrapped.tokenizer
-            if session.ema is not None:
-                session.ema.update(tok)
-            if args.dead_code_restart_every > 0:
-                for idx in out.indices:
-                    usage += torch.bincount(idx.flatten(), minlength=args.vocab_size).float()
-                pool.append(out.lookup_inputs[torch.randperm(len(out.lookup_inputs))[:256]])
-                pool = pool[-8:]
-                if session.step % args.dead_code_restart_every == 0:
-                    all_usage = accelerator.reduce(usage, reduction="sum")
-                    all_pool = accelerator.gather(torch.cat(pool))
-                    n = restart_dead_codes(tok, all_usage, all_pool, session.step)
-                    running["restarted"] = n
-                    usage.zero_()
-            for k in ("loss", "recon_loss", "vq_loss"):
-                running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.log_every
-            running["continuous_frac"] = running.get("continuous_frac", 0.0) + float(out.used_continuous) / args.log_every
-            bar.update(1)
-            if session.step % args.log_every == 0:
-                running.update(lr=scheduler.get_last_lr()[0], codes_used_last_scale=int(torch.unique(out.indices[-1]).numel()))
-            done = log_and_checkpoint(accelerator, args, session.step, running, bar, log_path, start,
-                                      ("loss", "vq_loss"), session.save, evaluate)
-            if done:
-                break
-        epoch += 1
+    for batch in session.batches() if not done else []:
+        module.train()
+        with accelerator.autocast():
+            out = module(batch["image"])
+        accelerator.backward(out.loss)
+        if args.grad_clip > 0:
+            accelerator.clip_grad_norm_(module.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        session.step += 1
+        tok = session.unwrapped.tokenizer
+        if session.ema is not None:
+            session.ema.update(tok)
+        if args.dead_code_restart_every > 0:
+            for idx in out.indices:
+                usage += torch.bincount(idx.flatten(), minlength=args.vocab_size).float()
+            pool.append(out.lookup_inputs[torch.randperm(len(out.lookup_inputs))[:256]])
+            pool = pool[-8:]
+            if session.step % args.dead_code_restart_every == 0:
+                all_usage = accelerator.reduce(usage, reduction="sum")
+                all_pool = accelerator.gather(torch.cat(pool))
+                n = restart_dead_codes(tok, all_usage, all_pool, session.step)
+                running["restarted"] = n
+                usage.zero_()
+        for k in ("loss", "recon_loss", "vq_loss"):
+            running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.log_every
+        running["continuous_frac"] = running.get("continuous_frac", 0.0) + float(out.used_continuous) / args.log_every
+        bar.update(1)
+        if session.step % args.log_every == 0:
+            running.update(lr=scheduler.get_last_lr()[0], codes_used_last_scale=int(torch.unique(out.indices[-1]).numel()))
+        done = log_and_checkpoint(accelerator, args, session.step, running, bar, log_path, start,
+                                  ("loss", "vq_loss"), session.save, evaluate)
+        if done:
+            break
     bar.close()
 
     checksums = session.parameter_checksums()

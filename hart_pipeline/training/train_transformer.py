@@ -352,35 +352,34 @@ def main(argv=None):
     start = time.time()
     running = {}
     done = session.step >= args.train_steps
-    while not done:
-        for (rows,) in loader:
-            rows = rows.cpu()
-            trow = text["row"][rows]
-            context = text["hidden"][trow].to(accelerator.device)
-            position_ids = text["position_ids"][trow].to(accelerator.device)
-            indices = [i.to(accelerator.device) for i in split_indices(tokens["indices"][rows], patch_nums)]
-            residual = tokens["residual"][rows].to(accelerator.device)
-            module.train()
-            with accelerator.autocast():
-                out = module(context, position_ids, indices, residual)
-            accelerator.backward(out.loss)
-            if args.grad_clip > 0:
-                accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], args.grad_clip)
-            optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            session.step += 1
-            if session.ema is not None:
-                session.ema.update(session.unwrapped)
-            for k in ("loss", "ce_loss", "diffusion_loss", "accuracy"):
-                running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.log_every
-            bar.update(1)
-            if session.step % args.log_every == 0:
-                running.update(lr=lr_sched.get_last_lr()[0], kept=out.num_kept)
-            done = log_and_checkpoint(accelerator, args, session.step, running, bar, log_path, start,
-                                      ("ce_loss", "diffusion_loss"), session.save, evaluate)
-            if done:
-                break
+    for (rows,) in session.batches() if not done else []:
+        rows = rows.cpu()
+        trow = text["row"][rows]
+        context = text["hidden"][trow].to(accelerator.device)
+        position_ids = text["position_ids"][trow].to(accelerator.device)
+        indices = [i.to(accelerator.device) for i in split_indices(tokens["indices"][rows], patch_nums)]
+        residual = tokens["residual"][rows].to(accelerator.device)
+        module.train()
+        with accelerator.autocast():
+            out = module(context, position_ids, indices, residual)
+        accelerator.backward(out.loss)
+        if args.grad_clip > 0:
+            accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], args.grad_clip)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        session.step += 1
+        if session.ema is not None:
+            session.ema.update(session.unwrapped)
+        for k in ("loss", "ce_loss", "diffusion_loss", "accuracy"):
+            running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.log_every
+        bar.update(1)
+        if session.step % args.log_every == 0:
+            running.update(lr=lr_sched.get_last_lr()[0], kept=out.num_kept)
+        done = log_and_checkpoint(accelerator, args, session.step, running, bar, log_path, start,
+                                  ("ce_loss", "diffusion_loss"), session.save, evaluate)
+        if done:
+            break
     bar.close()
 
     checksums = session.parameter_checksums()

@@ -194,13 +194,15 @@ class TrainingSession:
 
     def __init__(self, args: argparse.Namespace):
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import DataLoaderConfiguration, set_seed
 
         from .checkpoint import read_checkpoint
 
         self.args = args
-        # the LR schedule counts optimizer steps, whatever the number of processes
-        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, step_scheduler_with_optimizer=False)
+        # the LR schedule counts optimizer steps whatever the number of processes; the shuffle of epoch e
+        # depends only on (seed, e), so a resumed run sees the batches an uninterrupted one would
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, step_scheduler_with_optimizer=False,
+                                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
         set_seed(args.seed)
         folder = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
         self.checkpoint = read_checkpoint(folder) if folder else None
@@ -225,6 +227,14 @@ class TrainingSession:
             self.step = load_training_state(self.checkpoint, self.accelerator, self.optimizer, self.lr_scheduler, self.ema)
             self.accelerator.print(f"resumed from {self.checkpoint.folder} at step {self.step}")
         return self.module, self.optimizer, self.loader, self.lr_scheduler
+
+    def batches(self):
+        """Training batches from the current step on, epoch after epoch (a resumed run continues mid-epoch)."""
+        epoch, skip = divmod(self.step, len(self.loader))
+        while True:
+            self.loader.set_epoch(epoch)
+            yield from (self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader)
+            epoch, skip = epoch + 1, 0
 
     @property
     def unwrapped(self) -> nn.Module:
