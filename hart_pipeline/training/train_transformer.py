@@ -228,9 +228,15 @@ def add_lora(args, transformer: HARTTransformer, head: HARTResidualHead) -> None
         head.requires_grad_(False)
 
 
-def export(args, session: TrainingSession, tokenizer: HARTHybridTokenizer, start: float, checksums: list) -> None:
-    """Main process: the pipeline folder (full training) or the LoRA file + model card; push if asked."""
+def export(args, session: TrainingSession, tokenizer: HARTHybridTokenizer, start: float, checksums: list,
+           full_state: dict) -> None:
+    """Main process: the pipeline folder (full training) or the LoRA file + model card; push if asked.
+    ``full_state``: the gathered state dict (the unwrapped module only holds shards under FSDP)."""
     final = session.unwrapped
+    if session.fsdp:
+        final = TransformerTrainingModule(HARTTransformer.from_config(final.transformer.config),
+                                          HARTResidualHead.from_config(final.head.config), tokenizer, {})
+        final.load_state_dict(full_state)
     if session.ema is not None and not args.no_ema_export:
         session.ema.copy_to(final)
     if args.lora_rank:
@@ -269,6 +275,8 @@ def main(argv=None):
     torch.set_num_threads(args.num_threads)
     if args.lora_rank and not args.pretrained_model:
         raise ValueError("--lora_rank needs --pretrained_model: LoRA adapts a trained pipeline.")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and (args.lora_rank or args.ema_decay > 0):
+        raise ValueError("Under FSDP, train without EMA (--ema_decay 0) and without LoRA (DDP handles LoRA).")
     if args.pretrained_model == "default":
         from ..default_model import DEFAULT_MODEL_DIR
 
@@ -383,9 +391,9 @@ def main(argv=None):
     bar.close()
 
     checksums = session.parameter_checksums()
-    accelerator.wait_for_everyone()
+    full_state = accelerator.get_state_dict(module)  # every process takes part (FSDP gathers the shards)
     if accelerator.is_main_process:
-        export(args, session, tokenizer, start, checksums)
+        export(args, session, tokenizer, start, checksums, full_state)
         accelerator.print(f"saved {args.output_dir} after {session.step} steps")
     accelerator.end_training()
 

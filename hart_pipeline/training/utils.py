@@ -208,6 +208,7 @@ class TrainingSession:
         self.checkpoint = read_checkpoint(folder) if folder else None
         self.step = 0
         self.ema: Optional[EMA] = None
+        self.fsdp = self.accelerator.distributed_type.name == "FSDP"
 
     def prepare(self, module: nn.Module, optimizer, loader, lr_scheduler, ema_module: Callable[[nn.Module], nn.Module],
                 trained_only: bool = False):
