@@ -66,7 +66,7 @@ LoRA adapters (rank {rank}, alpha {alpha}) for a HART pipeline, trained {steps} 
 import torch
 from hart_pipeline import HARTPipeline
 
-pipe = HARTPipeline.from_pretrained("{base_model}")
+{load_base}
 pipe.load_lora_weights("{repo_id}")
 image = pipe("{example_prompt}", generator=torch.Generator().manual_seed(0)).images[0]
 ```
@@ -81,11 +81,16 @@ def write_lora_model_card(folder: str, base_model: str, rank: int, alpha: float,
                           example_prompt: str = "a red circle above a blue square") -> str:
     """README.md for a LoRA folder (``pytorch_lora_weights.safetensors``) with the Hub's LoRA metadata."""
     meta = {"library_name": "diffusers", "pipeline_tag": "text-to-image", "license": "mit",
-            "tags": ["hart", "lora", "text-to-image"], "base_model": str(base_model)}
+            "tags": ["hart", "lora", "text-to-image"]}
     head = (f"and the residual-head linears {list(head_targets)}" if head_targets else "(residual head frozen)")
+    if base_model == "default":  # the package's built-in model
+        load_base = "from hart_pipeline.default_model import load_default_pipeline\n\npipe = load_default_pipeline()"
+    else:
+        meta["base_model"] = str(base_model)
+        load_base = f'pipe = HARTPipeline.from_pretrained("{base_model}")'
     card = LORA_CARD_TEMPLATE.format(front_matter=yaml.safe_dump(meta, sort_keys=False), title=os.path.basename(
         os.path.normpath(repo_id)), rank=rank, alpha=alpha, steps=steps, targets=list(targets), head=head,
-        base_model=base_model, repo_id=repo_id, example_prompt=example_prompt)
+        load_base=load_base, repo_id=repo_id, example_prompt=example_prompt)
     path = os.path.join(folder, "README.md")
     with open(path, "w") as f:
         f.write(card)

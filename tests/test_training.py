@@ -295,7 +295,7 @@ def test_lora_mode_writes_a_lora_file_and_card_that_load_and_push(tmp_path, monk
     weights = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
     assert weights and all(k.startswith(("transformer.", "residual_head.")) and "lora_" in k for k in weights)
     card = open(os.path.join(out, "README.md")).read()
-    assert "load_lora_weights" in card and "base_model:" in card and "lora" in card
+    assert "load_default_pipeline()" in card and "load_lora_weights" in card and "- lora" in card
     assert pushed["repo_id"] == "me/hart-shapes-lora" and "pytorch_lora_weights.safetensors" in pushed["allow"]
     checkpoint = load_file(os.path.join(out, "checkpoints", "step_3", "model.safetensors"))
     assert checkpoint and all("lora_" in k for k in checkpoint)  # only the adapters are checkpointed

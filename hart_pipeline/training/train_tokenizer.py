@@ -108,8 +108,8 @@ def main(argv=None):
     dataset = SyntheticShapesDataset(args.num_samples, args.image_size, args.data_seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                         num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
-    module, optimizer, loader, scheduler = session.prepare(module, optimizer, loader, scheduler,
-                                                           ema_module=lambda m: m.tokenizer)
+    module, optimizer, _, scheduler = session.prepare(module, optimizer, loader, scheduler,
+                                                      ema_module=lambda m: m.tokenizer)
     eval_images = collate([dataset[i] for i in range(min(args.eval_samples, len(dataset)))])["image"]
 
     def evaluate(path: str) -> None:

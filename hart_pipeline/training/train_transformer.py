@@ -247,7 +247,7 @@ def export(args, session: TrainingSession, tokenizer: HARTHybridTokenizer, start
             transformer_lora_adapter_metadata=lora_metadata(final.transformer),
             residual_head_lora_adapter_metadata=lora_metadata(final.head) if with_head else None,
         )
-        hub.write_lora_model_card(args.output_dir, base_model=args.pretrained_model, rank=args.lora_rank,
+        hub.write_lora_model_card(args.output_dir, base_model=args.base_model, rank=args.lora_rank,
                                   alpha=args.lora_alpha or args.lora_rank, targets=args.lora_target_modules,
                                   head_targets=args.lora_head_target_modules, steps=session.step,
                                   repo_id=args.push_to_hub or args.output_dir)
@@ -277,6 +277,7 @@ def main(argv=None):
         raise ValueError("--lora_rank needs --pretrained_model: LoRA adapts a trained pipeline.")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and (args.lora_rank or args.ema_decay > 0):
         raise ValueError("Under FSDP, train without EMA (--ema_decay 0) and without LoRA (DDP handles LoRA).")
+    args.base_model = args.pretrained_model  # as the user named it (for the model card)
     if args.pretrained_model == "default":
         from ..default_model import DEFAULT_MODEL_DIR
 
@@ -330,8 +331,8 @@ def main(argv=None):
     dataset = TensorDataset(torch.arange(args.num_samples))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
-    module, optimizer, loader, lr_sched = session.prepare(module, optimizer, loader, lr_sched,
-                                                          ema_module=lambda m: m, trained_only=bool(args.lora_rank))
+    module, optimizer, _, lr_sched = session.prepare(module, optimizer, loader, lr_sched,
+                                                     ema_module=lambda m: m, trained_only=bool(args.lora_rank))
 
     n_eval = min(args.eval_samples, args.num_samples)
     eval_context = text["hidden"][text["row"][:n_eval]]
