@@ -12,7 +12,7 @@ head and patch schedules, one step = forward + backward + AdamW update.
 
 With dropping, every step keeps the expected number of final-scale tokens (the mean over 1000 draws of
 the official truncated-normal mask rate; at random positions), so a few steps give a stable figure;
-times are averaged over ``--steps`` steps after ``--warmup`` unmeasured ones.
+each figure is the fastest of ``--steps`` steps after ``--warmup`` unmeasured ones.
 """
 
 import argparse
@@ -43,8 +43,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def time_steps(args, resolution: int, layers: int) -> Dict[str, float]:
-    """Mean seconds per step with all final-scale tokens and with dropping; the two settings alternate step
-    by step on the same models, so both see the same machine load."""
+    """Seconds per step (the fastest of the measured steps: the least disturbed by other load) with all
+    final-scale tokens and with dropping; the two settings alternate step by step on the same models."""
     device, patch_nums = torch.device(args.device), PATCH_NUMS[resolution]
     torch.manual_seed(args.seed)
     vae = HARTHybridTokenizer(patch_nums=patch_nums).to(device).eval().requires_grad_(False)
@@ -81,7 +81,7 @@ def time_steps(args, resolution: int, layers: int) -> Dict[str, float]:
             sync()
             if step >= args.warmup:
                 seconds[name].append(time.perf_counter() - start)
-    return {"all": sum(seconds["all"]) / args.steps, "dropping": sum(seconds["dropping"]) / args.steps,
+    return {"all": min(seconds["all"]), "dropping": min(seconds["dropping"]),
             "kept": num_kept["dropping"] / side**2, "sequence": 300 + sum(pn * pn for pn in patch_nums) - 1}
 
 
@@ -115,11 +115,14 @@ def main(argv: List[str] = None) -> None:
                   f"-> speed-up x{t['all'] / t['dropping']:.2f}", flush=True)
         if len(times) >= 2:
             lo, hi = min(times), max(times)
-            full, dropped = ((times[lo][i] + (args.target_layers - lo) * (times[hi][i] - times[lo][i]) / (hi - lo))
-                             for i in (0, 1))
+            slopes = [(times[hi][i] - times[lo][i]) / (hi - lo) for i in (0, 1)]
+            if min(slopes) <= 0:
+                print(f"  {resolution}px: not extrapolated (the step time did not grow with the depth: the machine "
+                      "load changed between the runs)")
+                continue
+            full, dropped = (times[lo][i] + (args.target_layers - lo) * slopes[i] for i in (0, 1))
             print(f"  {resolution}px, {args.target_layers} layers (extrapolated): all tokens {full:.3f} s/step; "
                   f"dropping {dropped:.3f} s/step -> speed-up x{full / dropped:.2f}")
-
 
 if __name__ == "__main__":
     main()
