@@ -67,7 +67,14 @@ def validate_generate_args(parser: argparse.ArgumentParser, args: argparse.Names
     """Check every ``hart generate`` argument before loading; exits with ``error:`` naming the flag."""
     import math
 
-    _check_out(parser, args.out)
+    if (args.prompt is None) == (args.prompts is None):
+        parser.error("give either a PROMPT or --prompts FILE (with --out-dir DIR), not both or neither.")
+    if args.prompts is None:
+        _check_out(parser, args.out)
+    elif not os.path.isfile(args.prompts):
+        parser.error(f"argument --prompts: {args.prompts} is not a file (one prompt per line).")
+    elif os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        parser.error(f"argument --out-dir: {args.out_dir} exists and is not a folder.")
     if not 0 <= args.seed <= MAX_SEED:
         parser.error(f"argument --seed: must be in [0, 2**64 - 1]; got {args.seed}.")
     if args.num_images < 1:
@@ -99,6 +106,10 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
     from .pipeline_hart import HARTPipeline
 
+    if checked["device"] is None and args.prompts:  # under `accelerate launch`, each process takes its own device
+        from accelerate import PartialState
+
+        checked["device"] = PartialState().device
     device = checked["device"] or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPE_NAMES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     diffusers.utils.logging.disable_progress_bar()  # one progress bar: the generation's
@@ -115,6 +126,13 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if size not in pipe.supported_sizes:  # a Hub model: its sizes are known once loaded
         parser.error(f"argument --size: this model generates square images of side "
                      f"{', '.join(map(str, sorted(pipe.supported_sizes)))}; got {size}.")
+    if args.prompts:
+        from .distributed import generate_from_file
+
+        for path in generate_from_file(pipe, args.prompts, args.out_dir, seed=args.seed, height=size, width=size,
+                                       num_inference_steps=args.steps, guidance_scale=args.cfg):
+            print(path)
+        return
     generator = torch.Generator().manual_seed(args.seed)
     images = pipe(args.prompt, height=size, width=size, num_inference_steps=args.steps, guidance_scale=args.cfg,
                   num_images_per_prompt=args.num_images, generator=generator).images
@@ -137,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate an image from a prompt",
                          description="Generate images from a text prompt (default: the built-in 64px model, CPU).")
-    gen.add_argument("prompt", help="the text prompt, e.g. \"a red circle above a blue square\"")
+    gen.add_argument("prompt", nargs="?", help="the text prompt, e.g. \"a red circle above a blue square\"")
+    gen.add_argument("--prompts", metavar="FILE", help="instead of PROMPT: one prompt per line; image i -> "
+                     "OUT_DIR/{i:05d}.png with seed SEED + i (split over the processes of `accelerate launch`)")
+    gen.add_argument("--out-dir", default="images", help="output folder for --prompts (default: images)")
     gen.add_argument("--model", help="HART pipeline folder or Hub id (default: the built-in small model)")
     gen.add_argument("--out", default="image.png",
                      help="output image file, .png/.jpg/.webp ... (several images get _0, _1, ... suffixes; default: image.png)")

@@ -5,6 +5,7 @@ Stages: text encoding (``encode_prompt``) -> next-scale AR prediction of the dis
 -> decoding (``vae``, the hybrid tokenizer).
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from huggingface_hub import create_repo
 
 from .hub import write_model_card
 from .loading import check_pipeline_folder
+from .lora import HARTLoraLoaderMixin
 from .models.residual_head import HARTResidualHead
 from .remote_code import to_installed_index, write_remote_code
 from .models.tokenizer import HARTHybridTokenizer
@@ -107,11 +109,40 @@ class _Interrupted(Exception):
     """Raised by the step callback once ``pipe._interrupt`` is set; ends the call early."""
 
 
+def _carry_over(target: str, staging: str) -> None:
+    """Hard-link (or copy) into ``staging`` what ``target`` holds beside the pipeline (training checkpoints,
+    logs, a user's files), so the swap loses nothing. The previous pipeline's own entries (those its
+    ``model_index.json`` names, the index itself) are not carried: the new save replaces them whole."""
+    try:
+        with open(os.path.join(target, "model_index.json")) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        previous = {}
+    owned = set(previous) if isinstance(previous, dict) else set()
+    for name in os.listdir(target):
+        source, destination = os.path.join(target, name), os.path.join(staging, name)
+        if name in owned or os.path.lexists(destination):
+            continue
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(source, destination)
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
 def _swap_folder(staging: str, target: str) -> None:
-    """Replace ``target`` by the complete folder ``staging`` with renames only (no partial state in ``target``)."""
+    """Replace ``target`` by the complete folder ``staging`` with renames only (no partial state in ``target``);
+    files of ``target`` that are not part of the pipeline are kept (see :func:`_carry_over`)."""
     if not os.path.exists(target):
         os.rename(staging, target)
         return
+    _carry_over(target, staging)
     retired = f"{target}.replaced-{uuid.uuid4().hex[:8]}"
     os.rename(target, retired)
     os.rename(staging, target)
@@ -206,7 +237,7 @@ def check_model_index(path: str, pipeline_class: str) -> dict:
     return index
 
 
-class HARTPipeline(DiffusionPipeline):
+class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
     r"""Text-to-image generation with HART (Hybrid Autoregressive Transformer, arXiv 2410.10812).
 
     Args:
@@ -303,7 +334,8 @@ class HARTPipeline(DiffusionPipeline):
         ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` (the code is bundled, see
         :mod:`~hart_pipeline.remote_code`). The save is atomic: everything is written beside the folder,
         then swapped in, so an interrupted save leaves the previous folder intact. An existing README.md
-        (model card) is kept; other files of a previous folder are not. With ``push_to_hub=True`` the folder
+        (model card) and files beside the pipeline (checkpoints, logs) are kept; the previous pipeline's own
+        components are replaced whole. With ``push_to_hub=True`` the folder
         is then uploaded to ``repo_id`` (default: the folder name), with HART's model card.
         """
         hub = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}

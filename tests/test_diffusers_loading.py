@@ -171,3 +171,23 @@ def test_failed_save_cleans_up_and_keeps_the_old_folder(pipe, tmp_path, monkeypa
     monkeypatch.undo()
     pipe.save_pretrained(folder)  # a successful save keeps the user's model card
     assert (folder / "README.md").read_text() == "my card"
+
+
+def test_save_keeps_files_beside_the_pipeline_and_replaces_its_components(pipe, tmp_path):
+    folder = tmp_path / "model"
+    pipe.save_pretrained(folder)
+    (folder / "checkpoints" / "step_2").mkdir(parents=True)
+    (folder / "checkpoints" / "step_2" / "checkpoint.json").write_text('{"step": 2}')
+    (folder / "train_log.jsonl").write_text("{}\n")
+    stale = folder / "text_encoder"  # a component the previous pipeline had and the new one lacks
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "BertModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    stale.mkdir(exist_ok=True)
+    (stale / "config.json").write_text("{}")
+    no_text = HARTPipeline(**{**pipe.components, "text_encoder": None, "tokenizer": None})
+    no_text.save_pretrained(folder)
+    assert (folder / "checkpoints" / "step_2" / "checkpoint.json").read_text() == '{"step": 2}'
+    assert (folder / "train_log.jsonl").read_text() == "{}\n"
+    assert not stale.exists()
+    assert json.loads((folder / "model_index.json").read_text())["text_encoder"] == [None, None]

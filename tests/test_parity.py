@@ -168,3 +168,71 @@ def test_full_sampling_matches_official(case, mode):
         assert torch.equal(idx, e[f"sample.{mode}.idx.{si}"]), f"scale {si} tokens differ"
     tokens = add_residual(tokens, case["head"], case["scheduler"], generator=torch.Generator().manual_seed(123))
     assert abs_err(decode_tokens(case["vae"], tokens), e[f"sample.{mode}.image"]) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ training step
+@pytest.fixture(scope="module")
+def tiny8(tmp_path_factory):
+    """The official training forward with token dropping was recorded with tiny8 (64 final-scale tokens)."""
+    case = _load_case("tiny8", tmp_path_factory)
+    root = os.path.join(FIXTURES, "parity", "tiny8")
+    case["train"] = load_file(os.path.join(root, "train_forward.safetensors"))
+    with open(os.path.join(root, "train_forward.json")) as f:
+        case["train_meta"] = json.load(f)
+    return case
+
+
+def _official_training_step(case, backward: bool = True):
+    """Our transformer_loss on the official inputs with every random draw replayed (loss backpropagated)."""
+    from hart_pipeline.training.losses import TransformerTrainingDraws, transformer_loss
+
+    e, t, patch_nums = case["expected"], case["train"], case["patch_nums"]
+    transformer, head, vae = case["transformer"], case["head"], case["vae"]
+    scheduler = HARTResidualScheduler.from_config(case["scheduler"].config)
+    scheduler.set_timesteps(scheduler.config.num_train_timesteps)
+    indices = [e[f"tok.idx.{si}"] for si in range(len(patch_nums))]
+    draws = TransformerTrainingDraws(dropped=torch.zeros(2, dtype=torch.bool), kept_positions=t["train.kept"],
+                                     sampled=t["train.sampled"], timesteps=t["train.diff_t"], noise=t["train.diff_noise"])
+    transformer.zero_grad(set_to_none=True)
+    head.zero_grad(set_to_none=True)
+    out = transformer_loss(transformer, head, vae, scheduler.tables, e["ctx"], e["ctx_pos"], indices, e["tok.residual"],
+                           patch_nums=patch_nums, diffusion_batch_mul=case["train_meta"]["diffusion_batch_mul"], draws=draws)
+    if backward:
+        out.loss.backward()
+    return out
+
+
+def test_training_step_matches_official_with_token_dropping(tiny8):
+    t, meta = tiny8["train"], tiny8["train_meta"]
+    assert 0 < meta["n_drop"] and t["train.kept"].shape == (2, meta["n_kept"])  # tokens really were dropped
+    with torch.no_grad():
+        indices = [tiny8["expected"][f"tok.idx.{si}"] for si in range(len(tiny8["patch_nums"]))]
+        scale_inputs = tiny8["vae"].quantizer.teacher_forcing_input(indices, tiny8["patch_nums"])
+    assert abs_err(scale_inputs, t["train.input"]) <= 1e-5
+    out = _official_training_step(tiny8)
+    assert out.logits.shape == t["train.logits"].shape  # the dropped tokens left the sequence
+    assert rel_err(out.logits, t["train.logits"]) <= 1e-6  # official position ids + attention pattern of the kept
+    assert abs(out.ce_loss.item() - t["train.ce"].item()) <= 1e-6 * t["train.ce"].item()
+    assert abs(out.diffusion_loss.item() - t["train.diff_loss"].item()) <= 1e-6 * t["train.diff_loss"].item()
+    names = {n: n.replace("diffloss.net.", "") for n in meta["grad_names"]}
+    params = {**dict(tiny8["transformer"].named_parameters()),
+              **{"diffloss.net." + k: v for k, v in tiny8["head"].named_parameters()}}
+    for official_name in names:
+        grad = params[official_name].grad
+        assert rel_err(grad, t["train.grad." + official_name]) <= 1e-5, official_name
+
+
+def test_training_step_own_sample_matches_official_sampler(tiny8):
+    """The head's target and condition come from the model's own top-k 600 / top-p 0.96 sample: with the
+    official generator seed, our sampler draws the official indices from our logits."""
+    from hart_pipeline.sampling import sample_scale_tokens
+
+    t, meta = tiny8["train"], tiny8["train_meta"]
+    with torch.no_grad():
+        out = _official_training_step(tiny8, backward=False)
+    k = meta["n_kept"]
+    codebook = tiny8["vae"].quantizer.embedding.weight
+    g = torch.Generator().manual_seed(meta["seeds"]["model_rng"])
+    sampled, _ = sample_scale_tokens(out.logits[:, -k:].detach(), codebook, meta["top_k"], meta["top_p"], False, 0.0, g)
+    assert torch.equal(sampled, t["train.sampled"])
+    assert not torch.equal(sampled, t["train.targets"][:, -k:])  # a sample, not the ground truth

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,31 +101,54 @@ def test_transformer_training_steps_lower_both_losses():
     assert ce_last < 0.8 * ce_first and diff_last < diff_first
 
 
-@pytest.mark.parametrize("keep_fraction, kept", [(0.2, 3), (0.25, 4), (0.5, 8), (1.0, 16)])
-def test_token_dropping_keeps_the_asked_fraction(keep_fraction, kept):
+@pytest.mark.parametrize("num_tokens, kept", [(16, 16), (64, 32)])
+def test_token_dropping_keeps_at_least_32(num_tokens, kept):
+    positions = losses.sample_kept_positions(3, num_tokens, generator=torch.Generator().manual_seed(0))
+    assert positions.shape == (3, kept)
+    assert all(torch.equal(row, row.unique()) for row in positions)  # ascending, distinct
+
+
+def test_token_dropping_rate_follows_the_truncated_normal():
+    g = torch.Generator().manual_seed(0)
+    kept = torch.tensor([losses.sample_kept_positions(1, 4096, generator=g).shape[1] for _ in range(400)]) / 4096
+    # mask rate ~ N(1, 0.25) truncated to [0.5, 1]: mean 1 - 0.25 (phi(0) - phi(-2)) / (Phi(0) - Phi(-2)) = 0.8193
+    assert abs((1 - kept).mean().item() - 0.8193) < 0.015
+    assert kept.max() <= 0.5 and kept.min() >= 0  # never more than half kept, spread over the range
+    assert kept.std() > 0.08
+
+
+def test_dropped_tokens_leave_the_pass_and_the_head_sees_every_kept_token():
     tokenizer, transformer, head, tables, context, positions, tokens = _transformer_setup()
+    kept = torch.tensor([[0, 3, 5, 9, 15]] * 8)
     seen = {}
     original = losses.diffusion_loss
 
-    def spy(head, tables, x0, condition, generator=None):
+    def spy(head, tables, x0, condition, timesteps=None, noise=None, generator=None):
         seen["rows"] = x0.shape[0]
-        return original(head, tables, x0, condition, generator=generator)
+        return original(head, tables, x0, condition, timesteps=timesteps, noise=noise, generator=generator)
 
     losses.diffusion_loss = spy
     try:
         out = losses.transformer_loss(transformer, head, tokenizer, tables, context, positions, tokens.indices,
-                                      tokens.residual, keep_fraction=keep_fraction, diffusion_batch_mul=4)
+                                      tokens.residual, diffusion_batch_mul=4, cond_drop_prob=0.0,
+                                      draws=losses.TransformerTrainingDraws(kept_positions=kept))
     finally:
         losses.diffusion_loss = original
-    assert out.num_kept == kept
-    assert seen["rows"] == 8 * kept * 4  # B x kept final-scale tokens x diffusion_batch_mul
+    assert out.num_kept == 5 and out.logits.shape[1] == 1 + 4 + 9 + 5
+    assert seen["rows"] == 8 * 5 * 4  # B x every kept final-scale token x diffusion_batch_mul
+    # earlier scales are untouched; kept final-scale tokens see only earlier scales and each other
+    with torch.no_grad():
+        scale_inputs = tokenizer.quantizer.teacher_forcing_input(tokens.indices, PATCH_NUMS)
+        full = transformer(context, positions, scale_inputs, PATCH_NUMS).logits
+    assert torch.allclose(out.logits[:, :14], full[:, :14], atol=1e-5)
+    assert not torch.allclose(out.logits[:, 14:], full[:, 14 + kept[0]], atol=1e-3)  # fewer keys for the kept
 
 
 def test_condition_dropout_zeroes_the_dropped_rows():
     tokenizer, transformer, head, tables, context, positions, tokens = _transformer_setup()
     out = losses.transformer_loss(transformer, head, tokenizer, tables, context, positions, tokens.indices,
                                   tokens.residual, cond_drop_prob=0.5, generator=torch.Generator().manual_seed(0))
-    assert 0 < int(out.dropped.sum()) < 8
+    assert 0 < int(out.draws.dropped.sum()) < 8
 
 
 def test_trainers_write_a_pipeline_folder_that_loads_and_resumes(tmp_path):
@@ -155,3 +179,180 @@ def test_default_model_generates_offline():
     pipe.set_progress_bar_config(disable=True)
     images = pipe("a red circle above a blue square", generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (1, 64, 64, 3) and 0.02 < images.std() and images.max() <= 1
+
+
+# ------------------------------------------------------------------------------------------------ trainers
+COMMON = ["--image_size", "32", "--num_samples", "16", "--batch_size", "4", "--num_threads", "1", "--log_every", "1"]
+TOKENIZER_ARGS = ["--latent_channels", "8", "--vocab_size", "64", "--base_channels", "32", "--patch_nums", "1", "2", "3", "4"]
+TRANSFORMER_ARGS = ["--embed_dim", "64", "--num_layers", "1", "--num_heads", "2", "--context_tokens", "8",
+                    "--head_width", "32", "--head_layers", "1", "--no_text_encoder_export"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each trainer run in this process starts its own accelerate state (e.g. another mixed precision)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(tmp_path_factory):
+    from hart_pipeline.training import train_tokenizer
+
+    folder = str(tmp_path_factory.mktemp("tokenizer"))
+    train_tokenizer.main(COMMON + TOKENIZER_ARGS + ["--output_dir", folder, "--train_steps", "1"])
+    return os.path.join(folder, "vae")
+
+
+def _files(root):
+    return [os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files]
+
+
+def test_everything_written_is_safetensors_or_json_and_resume_never_unpickles(tmp_path, trained_tokenizer, monkeypatch):
+    import pickle
+
+    from hart_pipeline.training import train_transformer
+
+    out = str(tmp_path / "hart")
+    args = COMMON + TRANSFORMER_ARGS + ["--output_dir", out, "--tokenizer_path", trained_tokenizer, "--checkpoint_every", "2"]
+    train_transformer.main(args + ["--train_steps", "2"])
+    written = _files(out)
+    # data is safetensors / JSON; the only code is the pipeline bundle save_pretrained writes (trust_remote_code)
+    code = {"pipeline_hart.py", "vae/modeling_hart.py", "transformer/modeling_hart.py", "residual_head/modeling_hart.py",
+            "scheduler/scheduling_hart.py"}
+    data = [f for f in written if f not in code]
+    assert set(written) & code == code
+    assert data and all(f.endswith((".safetensors", ".json", ".jsonl", ".md")) for f in data), data
+    with open(os.path.join(out, "checkpoints", "step_2", "checkpoint.json")) as f:
+        manifest = json.load(f)["sha256"]
+    assert set(manifest) == {"model.safetensors", "ema.safetensors", "optimizer_0.safetensors", "rng_0.safetensors",
+                             "trainer_state.json"}
+    # a planted pickle is never read, and nothing is unpickled on resume
+    (tmp_path / "hart" / "checkpoints" / "step_2" / "custom_checkpoint_0.pkl").write_bytes(b"\x80\x04K\x01.")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling during resume")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    train_transformer.main(args + ["--train_steps", "3", "--resume", "latest"])
+    with open(os.path.join(out, "train_summary.json")) as f:
+        assert json.load(f)["steps"] == 3
+
+
+def test_resume_restores_the_exact_training_state(tmp_path, trained_tokenizer):
+    """2 steps + resume + 2 steps == 4 steps in one go (weights, EMA, optimizer, LR schedule, RNG)."""
+    from safetensors.torch import load_file
+
+    from hart_pipeline.training import train_transformer
+
+    def run(out, steps, resume=None):
+        train_transformer.main(COMMON + TRANSFORMER_ARGS + ["--output_dir", out, "--tokenizer_path", trained_tokenizer,
+                                                            "--checkpoint_every", "2", "--train_steps", str(steps),
+                                                            "--cache_dir", str(tmp_path / "cache")]
+                               + (["--resume", resume] if resume else []))
+        return load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
+
+    straight = run(str(tmp_path / "a"), 4)
+    run(str(tmp_path / "b"), 2)
+    resumed = run(str(tmp_path / "b"), 4, "latest")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("damage, file", [("flip", "optimizer_0.safetensors"), ("truncate", "model.safetensors"),
+                                          ("flip", "trainer_state.json"), ("delete", "checkpoint.json")])
+def test_damaged_checkpoint_gives_an_error_naming_the_file(tmp_path, trained_tokenizer, damage, file):
+    from hart_pipeline.training import train_transformer
+    from hart_pipeline.training.checkpoint import CheckpointError
+
+    out = str(tmp_path / "hart")
+    args = COMMON + TRANSFORMER_ARGS + ["--output_dir", out, "--tokenizer_path", trained_tokenizer]
+    train_transformer.main(args + ["--train_steps", "1"])
+    path = os.path.join(out, "checkpoints", "step_1", file)
+    data = open(path, "rb").read()
+    if damage == "delete":
+        os.remove(path)
+    else:
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2] if damage == "truncate" else data[:-2] + bytes([data[-2] ^ 1]) + data[-1:])
+    with pytest.raises(CheckpointError, match=file.replace(".", r"\.")):
+        train_transformer.main(args + ["--train_steps", "2", "--resume", "latest"])
+
+
+def test_lora_mode_writes_a_lora_file_and_card_that_load_and_push(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from hart_pipeline import hub
+    from hart_pipeline.default_model import load_default_pipeline
+    from hart_pipeline.training import train_transformer
+
+    pushed = {}
+    monkeypatch.setattr(hub, "push_folder", lambda folder, repo_id, allow_patterns=None: pushed.update(
+        folder=folder, repo_id=repo_id, files=sorted(os.listdir(folder)), allow=allow_patterns))
+    out = str(tmp_path / "lora")
+    train_transformer.main(["--pretrained_model", "default", "--lora_rank", "4", "--output_dir", out,
+                            "--image_size", "64", "--num_samples", "8", "--batch_size", "4", "--num_threads", "1",
+                            "--train_steps", "3", "--learning_rate", "0.01", "--warmup_steps", "1",
+                            "--push_to_hub", "me/hart-shapes-lora"])
+    weights = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert weights and all(k.startswith(("transformer.", "residual_head.")) and "lora_" in k for k in weights)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "load_default_pipeline()" in card and "load_lora_weights" in card and "- lora" in card
+    assert pushed["repo_id"] == "me/hart-shapes-lora" and "pytorch_lora_weights.safetensors" in pushed["allow"]
+    checkpoint = load_file(os.path.join(out, "checkpoints", "step_3", "model.safetensors"))
+    assert checkpoint and all("lora_" in k for k in checkpoint)  # only the adapters are checkpointed
+
+    pipe = load_default_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe("a red circle above a blue square", generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    base = image()
+    pipe.load_lora_weights(out)
+    assert not np.array_equal(image(), base)
+
+
+def test_bf16_gradient_checkpointing_and_eval_sheets_on_cpu(tmp_path, trained_tokenizer):
+    from PIL import Image
+
+    from hart_pipeline.training import train_tokenizer, train_transformer
+
+    extra = ["--mixed_precision", "bf16", "--gradient_checkpointing", "--eval_every", "2", "--eval_samples", "3",
+             "--train_steps", "2"]
+    tok_out, hart_out = str(tmp_path / "tok"), str(tmp_path / "hart")
+    train_tokenizer.main(COMMON + TOKENIZER_ARGS + extra + ["--output_dir", tok_out])
+    train_transformer.main(COMMON + TRANSFORMER_ARGS + extra + ["--output_dir", hart_out, "--tokenizer_path",
+                                                               trained_tokenizer])
+    for out, size in ((tok_out, (3 * 34 + 2, 2 * 34 + 2)), (hart_out, (3 * 34 + 2, 34 + 2))):
+        with open(os.path.join(out, "train_log.jsonl")) as f:
+            log = [json.loads(line) for line in f]
+        assert [entry["step"] for entry in log] == [1, 2] and all(np.isfinite(entry["loss"]) for entry in log)
+        sheet = Image.open(os.path.join(out, "samples", "step_2.png"))
+        assert sheet.size == size and np.asarray(sheet).std() > 1
+    with open(os.path.join(hart_out, "samples", "step_2.json")) as f:
+        assert len(json.load(f)) == 3  # the captions of the sheet
+    HARTPipeline.from_pretrained(hart_out)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    tokenizer, transformer, head, tables, context, positions, tokens = _transformer_setup()
+    tokenizer.requires_grad_(True)
+    images = batch(2)["image"]
+
+    def grads(enable: bool):
+        for model in (transformer, head, tokenizer):
+            model.zero_grad(set_to_none=True)
+            model.enable_gradient_checkpointing() if enable else model.disable_gradient_checkpointing()
+        out = losses.transformer_loss(transformer, head, tokenizer, tables, context, positions, tokens.indices,
+                                      tokens.residual, cond_drop_prob=0.0, generator=torch.Generator().manual_seed(0))
+        (out.loss + losses.tokenizer_loss(tokenizer, images, use_continuous=True).loss).backward()
+        return {f"{i}.{n}": p.grad.clone() for i, m in enumerate((transformer, head, tokenizer))
+                for n, p in m.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 50
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)

@@ -10,6 +10,7 @@ State-dict keys follow the official ``diffloss.net.*`` weights.
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..loading import StrictLoadingMixin
@@ -48,7 +49,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class HARTResidualHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class HARTResidualHead(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""The residual diffusion MLP (MAR's ``SimpleMLPAdaLN``).
 
     Args:
@@ -65,6 +66,7 @@ class HARTResidualHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
     # layerwise casting stores the residual blocks in a low dtype; the embeddings and the output layer
     # (eps and the variance interpolation the scheduler reads) keep the compute dtype
     _skip_layerwise_casting_patterns = ["time_embed", "cond_embed", "input_proj", "final_layer", "norm"]
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(self, latent_channels: int = 32, condition_dim: int = 1536, width: int = 1024, num_layers: int = 6,
@@ -76,13 +78,17 @@ class HARTResidualHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
         self.input_proj = nn.Linear(latent_channels, width)
         self.res_blocks = nn.ModuleList(ResidualBlock(width) for _ in range(num_layers))
         self.final_layer = FinalLayer(width, 2 * latent_channels)
+        self.gradient_checkpointing = False
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """sample (N, Cv), timestep (N,) on the 1000-step training scale, condition (N, C) -> (N, 2 Cv)."""
         x = self.input_proj(sample)
         y = self.time_embed(timestep) + self.cond_embed(condition)
         for block in self.res_blocks:
-            x = block(x, y)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(block, x, y)
+            else:
+                x = block(x, y)
         return self.final_layer(x, y)
 
 

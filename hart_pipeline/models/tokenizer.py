@@ -127,12 +127,18 @@ class _Level(nn.Module):
             [_ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_blocks)]
         )
         self.attn = nn.ModuleList([_AttnBlock(out_channels) for _ in range(num_blocks)] if with_attention else [])
+        self.gradient_checkpointing = False  # enable_gradient_checkpointing(): recompute each block in backward
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(module, x)
+        return module(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
-            x = block(x)
+            x = self._run(block, x)
             if len(self.attn) > 0:
-                x = self.attn[i](x)
+                x = self._run(self.attn[i], x)
         return x
 
 
@@ -343,6 +349,8 @@ class HARTHybridTokenizer(StrictLoadingMixin, ModelMixin, ConfigMixin):
     Loaded in a low ``dtype`` the quantizer (codebook, phi convs: the running latent ``f_hat``) stays
     fp32, as the official code runs it with autocast disabled.
 
+    ``enable_gradient_checkpointing()`` recomputes the encoder / decoder blocks in the backward pass.
+
     Parameters:
         in_channels (`int`): image channels.
         latent_channels (`int`): latent / codebook channels ``Cv``.
@@ -360,6 +368,7 @@ class HARTHybridTokenizer(StrictLoadingMixin, ModelMixin, ConfigMixin):
     _keep_in_fp32_modules = ["quantizer"]
     _no_split_modules = ["_ResnetBlock", "_AttnBlock", "HybridQuantizer"]
     _skip_layerwise_casting_patterns = ["quant_conv", "conv_in", "conv_out", "norm"]
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionModuleMixin
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
@@ -186,7 +187,7 @@ CONFIG_RULES = {
 }
 
 
-class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""The HART autoregressive transformer.
 
     Text hidden states (B, T, ``context_dim``) enter as T prefix tokens (1D RoPE on their position
@@ -329,6 +330,7 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
         context_position_ids: torch.Tensor,
         scale_inputs: Optional[torch.Tensor] = None,
         patch_nums: Optional[Sequence[int]] = None,
+        kept_positions: Optional[torch.Tensor] = None,
         return_dict: bool = True,
         kv_cache: Optional[KVCache] = None,
         scale_index: int = 0,
@@ -347,11 +349,16 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
                 ``teacher_forcing_input`` of the ground-truth indices). With a KV cache: the (N / k,
                 pn^2, Cv) input of ``scale_index`` (None at 0), shared by the k CFG halves of the cache.
             patch_nums: the patch schedule; defaults to ``config.patch_nums``.
+            kept_positions: (B, k) int64, ascending row-major positions of the final-scale tokens that
+                stay in the sequence (HART's training-time token dropping); the others are removed
+                from the pass. The kept tokens keep their 2D RoPE positions and attend to every earlier
+                scale and to each other. None keeps all.
             kv_cache: the generation state from :meth:`new_kv_cache`: run scale ``scale_index`` only.
             residual_tokens: with a KV cache, (N, pn^2, Cv) codebook vectors of the tokens chosen at the
                 last scale run: return the residual head's condition instead of running a scale.
         Returns:
-            :class:`HARTTransformerOutput` with logits (B, sum(pn^2), V) and hidden states (with a KV
+            :class:`HARTTransformerOutput` with logits (B, sum(pn^2), V) and hidden states (with
+            ``kept_positions`` the final scale has only the k kept entries, in that order; with a KV
             cache those of the scale run; at scale 0 the last text position), or the residual condition.
         """
         if kv_cache is not None:
@@ -368,6 +375,7 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
                 f"sum(pn^2) - 1 = {num_image - 1}."
             )
         num_scales, T = len(patch_nums), context.shape[1]
+        num_last = patch_nums[-1] ** 2
         levels = torch.cat([torch.zeros(T, dtype=torch.long)] +
                            [torch.full((pn * pn,), si, dtype=torch.long) for si, pn in enumerate(patch_nums) if si]).to(context.device)
         level_emb = self.scale_embeddings(num_scales, context.device)[levels]  # (L, C)
@@ -376,7 +384,15 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
         text_cos, text_sin = self.text_rope(context_position_ids)
         img_cos, img_sin = self.image_rope(patch_nums, range(1, num_scales), context_position_ids)
         cos, sin = torch.cat([text_cos, img_cos], 1), torch.cat([text_sin, img_sin], 1)
-        block_ends = [T + sum(pn * pn for pn in patch_nums[1:si + 1]) for si in range(num_scales)]  # block-causal
+        if kept_positions is not None:  # drop final-scale tokens: gather the kept rows of x and of the RoPE tables
+            kept_positions = kept_positions.to(context.device)
+            if kept_positions.ndim != 2 or kept_positions.shape[0] != x.shape[0]:
+                raise ValueError(f"kept_positions must be (B, k) with B = {x.shape[0]}; got {tuple(kept_positions.shape)}.")
+            prefix = x.shape[1] - num_last
+            rows = torch.cat([torch.arange(prefix, device=context.device).expand(x.shape[0], -1),
+                              prefix + kept_positions], dim=1)  # (B, prefix + k)
+            x, cos, sin = (t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1])) for t in (x, cos, sin))
+        block_ends = [T + sum(pn * pn for pn in patch_nums[1:si + 1]) for si in range(num_scales - 1)] + [x.shape[1]]
         h = self.run_blocks(x, cos, sin, block_ends=block_ends)[:, T - 1:]
         logits = self.logits(h, self.head_modulation(condition))
         if not return_dict:

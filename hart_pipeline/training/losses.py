@@ -5,22 +5,20 @@
   *alternating decoder input*: each step the decoder sees, with probability ``continuous_prob``
   (0.5), the full continuous latent (discrete scales + continuous residual), otherwise the
   discrete-only latent (official ``skip_continuous_prob = 0.5``). The choice is returned.
-* :func:`transformer_loss` -- teacher-forced next-scale cross-entropy over all scales + the residual
-  diffusion loss (iDDPM: MSE on eps + VB term of the learned-range variance) on a random subset
-  (``keep_fraction``, default 20%) of the final-scale tokens, with classifier-free-guidance
-  condition dropout.
+* :func:`transformer_loss` -- the official ``HARTForT2I.forward`` training step: final-scale token
+  dropping (dropped tokens leave the sequence), teacher-forced next-scale cross-entropy over the
+  remaining tokens, and the residual diffusion loss (iDDPM: MSE on eps + VB term of the
+  learned-range variance) on every kept final-scale token, with target and condition taken from
+  the model's own sample of that scale; classifier-free-guidance condition dropout.
 * :func:`diffusion_loss` -- the iDDPM loss itself, from :class:`HARTResidualScheduler` tables at
   1000 steps; :func:`normal_kl` / :func:`discretized_gaussian_log_likelihood` are its helpers.
 
-Deviations from the official trainer (documented):
-* the residual head is conditioned on the **ground-truth** last-scale indices (target =
-  ``residual / residual_scale``), whereas the official ``forward_diff_loss`` samples the last
-  scale from the model's own logits and uses that sample's codebook vectors;
-* token dropping keeps the whole sequence in the transformer pass (the CE loss covers every token)
-  and only sub-samples the final-scale positions that supervise the diffusion head; the official
-  model removes the dropped tokens from the sequence (mask rate ~ truncnorm on [0.5, 1]);
-* dropped (unconditional) rows get all-zero text states **and** position ids 0, the convention the
-  sampler uses for the unconditional branch.
+Deviations from the official code (documented):
+* CFG dropout draws ``rand(B) < cond_drop_prob`` (the official ``randn(B) < 0.1`` zeroes ~54% of the
+  rows, not 10%), and dropped rows get all-zero text states **and** position ids 0, the convention
+  the sampler uses for the unconditional branch (the official forward keeps their position ids);
+* a top-k larger than the vocabulary keeps every token (the official ``topk`` raises and the
+  forward falls back to the ground-truth indices);
 * the quantizer follows the AR convention (no phi on the last scale), also during tokenizer
   training (the official ``HARTHybridQuantizer.forward`` applies phi to the last scale as well).
 """
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 from ..models.residual_head import HARTResidualHead
 from ..models.tokenizer import HARTHybridTokenizer
 from ..models.transformer import HARTTransformer
+from ..sampling import sample_scale_tokens
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -179,16 +178,47 @@ def diffusion_loss(
 
 
 # ------------------------------------------------------------------------------------------------ transformer
+def sample_kept_positions(batch_size: int, num_tokens: int, mask_ratio_min: float = 0.5, min_kept: int = 32,
+                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """HART's (MAR's) final-scale token dropping: which of ``num_tokens`` positions stay in the training pass.
+
+    One mask rate per batch ~ a normal (mean 1, std 0.25) truncated to [``mask_ratio_min``, 1];
+    ``ceil(num_tokens * rate)`` positions are dropped, but at least ``min_kept`` stay (so a final
+    scale of <= 32 tokens keeps all). The dropped set is a random permutation's head, per row.
+    Draws, in order, from ``generator``: the rate (one uniform), the orders (B, num_tokens uniforms).
+    Returns (B, k) int64 kept positions, ascending.
+    """
+    low = torch.special.ndtr(torch.tensor((mask_ratio_min - 1.0) / 0.25, dtype=torch.float64))
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    rate = 1.0 + 0.25 * torch.special.ndtri(low + u * (0.5 - low)).item()  # inverse CDF on [low, 0.5]
+    num_drop = max(0, min(math.ceil(num_tokens * rate), num_tokens - min_kept))
+    orders = torch.rand(batch_size, num_tokens, generator=generator).argsort(dim=1)
+    return orders[:, num_drop:].sort(dim=1).values
+
+
+@dataclass
+class TransformerTrainingDraws:
+    """The random choices of one transformer training step. Any field left None is drawn; tests give them
+    all to replay the numbers recorded from the official code."""
+
+    dropped: Optional[torch.Tensor] = None  # (B,) bool: rows whose text condition is zeroed (CFG dropout)
+    kept_positions: Optional[torch.Tensor] = None  # (B, k) ascending final-scale positions kept in the pass
+    sampled: Optional[torch.Tensor] = None  # (B, k) the model's own sample of the kept final-scale tokens
+    timesteps: Optional[torch.Tensor] = None  # (k * B * diffusion_batch_mul,) diffusion timesteps
+    noise: Optional[torch.Tensor] = None  # (k * B * diffusion_batch_mul, Cv) diffusion noise
+
+
 @dataclass
 class TransformerLossOutput:
     loss: torch.Tensor  # ce_loss + diffusion_weight * diffusion_loss
-    ce_loss: torch.Tensor
+    ce_loss: torch.Tensor  # over every token left in the pass
     diffusion_loss: torch.Tensor
     diffusion_mse: torch.Tensor
     diffusion_vb: torch.Tensor
-    accuracy: torch.Tensor  # top-1 token accuracy over all scales
-    num_kept: int  # final-scale tokens per image that supervise the diffusion head
-    dropped: torch.Tensor  # (B,) bool: rows whose text condition was zeroed (CFG dropout)
+    accuracy: torch.Tensor  # top-1 token accuracy over the tokens left in the pass
+    num_kept: int  # final-scale tokens per image left in the pass (each supervises the residual head)
+    logits: torch.Tensor  # (B, sum_{si < SN-1} pn^2 + k, V)
+    draws: TransformerTrainingDraws  # every random choice made, filled in
 
 
 def transformer_loss(
@@ -201,53 +231,80 @@ def transformer_loss(
     indices: Sequence[torch.Tensor],
     residual: torch.Tensor,
     patch_nums: Optional[Sequence[int]] = None,
-    keep_fraction: float = 0.2,
+    token_dropping: bool = True,
+    mask_ratio_min: float = 0.5,
+    min_kept: int = 32,
     cond_drop_prob: float = 0.1,
     diffusion_batch_mul: int = 4,
     diffusion_weight: float = 1.0,
+    top_k: int = 600,
+    top_p: float = 0.96,
     generator: Optional[torch.Generator] = None,
+    draws: Optional[TransformerTrainingDraws] = None,
 ) -> TransformerLossOutput:
-    """Teacher-forced CE over all scales + residual diffusion loss on kept final-scale tokens.
+    """The official ``HARTForT2I.forward`` training step: CE over the kept tokens + residual diffusion loss.
+
+    1. Final-scale token dropping (:func:`sample_kept_positions`): dropped tokens leave the sequence.
+    2. One teacher-forced, block-causal pass; CE of every remaining token against its ground truth.
+    3. The model samples its own kept final-scale tokens from its logits (``top_k`` 600, ``top_p``
+       0.96, no gradient); the residual head learns, on every kept token x ``diffusion_batch_mul``,
+       the residual from that sample to the continuous latent, ``(latent - codebook[sample]) /
+       residual_scale``, conditioned on ``decoder_norm(h + word_embed(codebook[sample]))``.
 
     Args:
         context, context_position_ids: (B, T, Ct) text states, (B, T) int64 position ids.
         indices: ground-truth per-scale indices (B, pn^2) from ``tokenizer.encode``.
-        residual: (B, Cv, h, w) ground-truth continuous residual from ``tokenizer.encode``.
-        keep_fraction: share of final-scale tokens supervising the head (at least 1 per image).
+        residual: (B, Cv, h, w) ground-truth continuous residual from ``tokenizer.encode`` (latent minus
+            its discrete part).
+        token_dropping: False keeps every final-scale token in the pass (slower; same losses otherwise).
         cond_drop_prob: probability of zeroing a row's text condition (and its position ids).
-        diffusion_batch_mul: every kept token is repeated this many times with different t / noise.
+        generator: source of every draw, in order: CFG dropout (B uniforms), the mask rate and
+            orders, the multinomial of the own sample, the diffusion timesteps and noise.
+        draws: given draws are used instead of drawing (see :class:`TransformerTrainingDraws`).
     """
     patch_nums = tuple(patch_nums or transformer.config.patch_nums)
+    draws = TransformerTrainingDraws(**vars(draws)) if draws is not None else TransformerTrainingDraws()
     B = context.shape[0]
     device = transformer.device
-    context = context.to(device)
-    position_ids = context_position_ids.to(device)
-    dropped = (torch.rand(B, generator=generator) < cond_drop_prob).to(device)
-    context = context * (~dropped)[:, None, None].to(context.dtype)
-    position_ids = position_ids.masked_fill(dropped[:, None], 0)
+    num_last = patch_nums[-1] ** 2
+    if draws.dropped is None:
+        draws.dropped = torch.rand(B, generator=generator) < cond_drop_prob
+    dropped = draws.dropped.to(device)
+    context = context.to(device) * (~dropped)[:, None, None].to(context.dtype)
+    position_ids = context_position_ids.to(device).masked_fill(dropped[:, None], 0)
+    if draws.kept_positions is None:
+        draws.kept_positions = (sample_kept_positions(B, num_last, mask_ratio_min, min_kept, generator) if token_dropping
+                                else torch.arange(num_last).expand(B, -1))
+    kept = draws.kept_positions.to(device)
     indices = [idx.to(device) for idx in indices]
     quantizer = tokenizer.quantizer
     with torch.no_grad():
         scale_inputs = quantizer.teacher_forcing_input(indices, patch_nums)
         codebook = quantizer.embedding.weight.detach()
 
-    out = transformer(context, position_ids, scale_inputs, patch_nums)
-    targets = torch.cat(indices, dim=1)  # (B, L)
+    dropping = kept.shape[1] < num_last
+    out = transformer(context, position_ids, scale_inputs, patch_nums, kept_positions=kept if dropping else None)
+    targets = torch.cat(list(indices[:-1]) + [indices[-1].gather(1, kept)], dim=1)  # (B, L')
     ce = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
     accuracy = (out.logits.argmax(-1) == targets).float().mean()
 
-    last = patch_nums[-1] ** 2
-    num_kept = max(1, min(last, int(round(keep_fraction * last))))
-    keep = torch.rand(B, last, generator=generator).argsort(dim=1)[:, :num_kept].to(device)  # (B, k)
-    h_last = out.hidden_states[:, -last:]  # (B, last, C)
-    h_kept = h_last.gather(1, keep[..., None].expand(-1, -1, h_last.shape[-1]))
-    idx_kept = indices[-1].gather(1, keep)  # (B, k)
-    res_tokens = residual.to(device).flatten(2).transpose(1, 2)  # (B, last, Cv)
-    x0 = res_tokens.gather(1, keep[..., None].expand(-1, -1, res_tokens.shape[-1])) / head.config.residual_scale
-    condition = transformer.residual_condition(h_kept, codebook[idx_kept])  # (B, k, C)
+    num_kept = kept.shape[1]
+    last_logits = out.logits[:, -num_kept:].detach()  # (B, k, V)
+    if draws.sampled is None:
+        with torch.no_grad():
+            draws.sampled, _ = sample_scale_tokens(last_logits.float(), codebook, top_k, top_p, False, 0.0, generator)
+    sampled = draws.sampled.to(device)
+    sampled_codes = codebook[sampled]  # (B, k, Cv)
+    res_tokens = residual.to(device).flatten(2).transpose(1, 2)  # (B, h*w, Cv)
+    latent = res_tokens.gather(1, kept[..., None].expand(-1, -1, res_tokens.shape[-1])) + codebook[indices[-1].gather(1, kept)]
+    x0 = ((latent - sampled_codes) / head.config.residual_scale).flatten(0, 1).repeat(diffusion_batch_mul, 1)
+    condition = transformer.residual_condition(out.hidden_states[:, -num_kept:], sampled_codes)  # (B, k, C)
     condition = condition.flatten(0, 1).repeat(diffusion_batch_mul, 1)
-    x0 = x0.flatten(0, 1).repeat(diffusion_batch_mul, 1)
-    diff = diffusion_loss(head, tables, x0, condition, generator=generator)
+    if draws.timesteps is None:
+        draws.timesteps = torch.randint(0, tables["betas"].shape[0], (x0.shape[0],), generator=generator)
+    if draws.noise is None:
+        draws.noise = torch.randn(x0.shape, generator=generator)
+    diff = diffusion_loss(head, tables, x0, condition, timesteps=draws.timesteps.to(device), noise=draws.noise.to(device))
     return TransformerLossOutput(
         loss=ce + diffusion_weight * diff.loss,
         ce_loss=ce,
@@ -256,7 +313,8 @@ def transformer_loss(
         diffusion_vb=diff.vb,
         accuracy=accuracy,
         num_kept=num_kept,
-        dropped=dropped,
+        logits=out.logits,
+        draws=draws,
     )
 
 
@@ -264,9 +322,11 @@ __all__ = [
     "DiffusionLossOutput",
     "TokenizerLossOutput",
     "TransformerLossOutput",
+    "TransformerTrainingDraws",
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",
     "normal_kl",
+    "sample_kept_positions",
     "tokenizer_loss",
     "transformer_loss",
 ]

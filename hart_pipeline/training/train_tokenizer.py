@@ -4,8 +4,9 @@
         --output_dir runs/tokenizer
 
 Writes ``<output_dir>/vae`` (``HARTHybridTokenizer.save_pretrained``, safetensors), resumable
-``<output_dir>/checkpoints/step_*`` (``accelerator.save_state``: model, optimizer, RNG, step, EMA)
-and ``<output_dir>/train_log.jsonl``. Works on one CPU / GPU or many (``accelerate launch``).
+``<output_dir>/checkpoints/step_*`` (safetensors + JSON only: model, optimizer, RNG, step, EMA; see
+``checkpoint.py``), ``<output_dir>/train_log.jsonl`` and, with ``--eval_every``, contact sheets of
+reconstructions in ``<output_dir>/samples``. Works on one CPU / GPU or many (``accelerate launch``).
 """
 
 import argparse
@@ -14,24 +15,13 @@ import os
 import time
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..models.tokenizer import HARTHybridTokenizer
 from .data import SyntheticShapesDataset, collate
 from .losses import tokenizer_loss
-from .utils import (
-    EMA,
-    TrainState,
-    add_optimisation_args,
-    latest_checkpoint,
-    log_and_checkpoint,
-    lr_lambda,
-    parse_with_config,
-    save_args,
-)
+from .utils import TrainingSession, add_optimisation_args, contact_sheet, log_and_checkpoint, lr_lambda, parse_with_config, save_args
 
 
 class TokenizerTrainingModule(torch.nn.Module):
@@ -93,8 +83,8 @@ def restart_dead_codes(tokenizer: HARTHybridTokenizer, usage: torch.Tensor, pool
 def main(argv=None):
     args = parse_with_config(build_parser(), argv)
     torch.set_num_threads(args.num_threads)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    set_seed(args.seed)
+    session = TrainingSession(args)
+    accelerator = session.accelerator
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         save_args(args, os.path.join(args.output_dir, "train_args.json"))
@@ -106,6 +96,8 @@ def main(argv=None):
     )
     with torch.no_grad():  # small codebook init (VAR style) so that early lookups spread out
         tokenizer.quantizer.embedding.weight.uniform_(-1.0 / args.vocab_size, 1.0 / args.vocab_size)
+    if args.gradient_checkpointing:
+        tokenizer.enable_gradient_checkpointing()
     module = TokenizerTrainingModule(
         tokenizer, patch_nums=tuple(args.patch_nums), beta=args.beta, l1_weight=args.l1_weight,
         l2_weight=args.l2_weight, vq_weight=args.vq_weight, continuous_prob=args.continuous_prob,
@@ -116,75 +108,75 @@ def main(argv=None):
     dataset = SyntheticShapesDataset(args.num_samples, args.image_size, args.data_seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                         num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
-    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    ema = None
-    if args.ema_decay > 0:
-        ema = EMA(accelerator.unwrap_model(module).tokenizer, args.ema_decay)
-        accelerator.register_for_checkpointing(ema)
+    module, optimizer, _, scheduler = session.prepare(module, optimizer, loader, scheduler,
+                                                      ema_module=lambda m: m.tokenizer)
+    eval_images = collate([dataset[i] for i in range(min(args.eval_samples, len(dataset)))])["image"]
 
-    resume = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
-    if resume:
-        accelerator.load_state(resume)
-        accelerator.print(f"resumed from {resume} at step {state.step}")
+    def evaluate(path: str) -> None:
+        """Contact sheet: the first dataset images (top row) and their hybrid reconstructions (bottom row)."""
+        tok = session.unwrapped.tokenizer
+        tok.eval()
+        with torch.no_grad(), accelerator.autocast():
+            recon = tok.decoder(tok.post_quant_conv(tok.encode_latent(eval_images.to(accelerator.device))))
+        tok.train()
+        contact_sheet((torch.cat([eval_images, recon.float().cpu()]) + 1) / 2, len(eval_images), path)
 
     usage = torch.zeros(args.vocab_size, device=accelerator.device)
     pool = []
     log_path = os.path.join(args.output_dir, "train_log.jsonl")
-    bar = tqdm(total=args.train_steps, initial=state.step, disable=not accelerator.is_main_process, desc="tokenizer")
+    bar = tqdm(total=args.train_steps, initial=session.step, disable=not accelerator.is_main_process,
+               desc="tokenizer", unit="step", dynamic_ncols=True)
     start = time.time()
     running = {}
-    epoch = state.step // max(1, len(loader))
-    done = state.step >= args.train_steps
-    while not done:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        for batch in loader:
-            module.train()
+    done = session.step >= args.train_steps
+    for batch in session.batches() if not done else []:
+        module.train()
+        with accelerator.autocast():
             out = module(batch["image"])
-            accelerator.backward(out.loss)
-            if args.grad_clip > 0:
-                accelerator.clip_grad_norm_(module.parameters(), args.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(module).tokenizer)
-            tok = accelerator.unwrap_model(module).tokenizer
-            if args.dead_code_restart_every > 0:
-                for idx in out.indices:
-                    usage += torch.bincount(idx.flatten(), minlength=args.vocab_size).float()
-                pool.append(out.lookup_inputs[torch.randperm(len(out.lookup_inputs))[:256]])
-                pool = pool[-8:]
-                if state.step % args.dead_code_restart_every == 0:
-                    all_usage = accelerator.reduce(usage, reduction="sum")
-                    all_pool = accelerator.gather(torch.cat(pool))
-                    n = restart_dead_codes(tok, all_usage, all_pool, state.step)
-                    running["restarted"] = n
-                    usage.zero_()
-            for k in ("loss", "recon_loss", "vq_loss"):
-                running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.log_every
-            running["continuous_frac"] = running.get("continuous_frac", 0.0) + float(out.used_continuous) / args.log_every
-            bar.update(1)
-            if state.step % args.log_every == 0:
-                running.update(lr=scheduler.get_last_lr()[0], codes_used_last_scale=int(torch.unique(out.indices[-1]).numel()))
-            done = log_and_checkpoint(accelerator, args, state, running, bar, log_path, start, ("loss", "vq_loss"))
-            if done:
-                break
-        epoch += 1
+        accelerator.backward(out.loss)
+        if args.grad_clip > 0:
+            accelerator.clip_grad_norm_(module.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        session.step += 1
+        tok = session.unwrapped.tokenizer
+        if session.ema is not None:
+            session.ema.update(tok)
+        if args.dead_code_restart_every > 0:
+            for idx in out.indices:
+                usage += torch.bincount(idx.flatten(), minlength=args.vocab_size).float()
+            pool.append(out.lookup_inputs[torch.randperm(len(out.lookup_inputs))[:256]])
+            pool = pool[-8:]
+            if session.step % args.dead_code_restart_every == 0:
+                all_usage = accelerator.reduce(usage, reduction="sum")
+                all_pool = accelerator.gather(torch.cat(pool))
+                n = restart_dead_codes(tok, all_usage, all_pool, session.step)
+                running["restarted"] = n
+                usage.zero_()
+        for k in ("loss", "recon_loss", "vq_loss"):
+            running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.log_every
+        running["continuous_frac"] = running.get("continuous_frac", 0.0) + float(out.used_continuous) / args.log_every
+        bar.update(1)
+        if session.step % args.log_every == 0:
+            running.update(lr=scheduler.get_last_lr()[0], codes_used_last_scale=int(torch.unique(out.indices[-1]).numel()))
+        done = log_and_checkpoint(accelerator, args, session.step, running, bar, log_path, start,
+                                  ("loss", "vq_loss"), session.save, evaluate)
+        if done:
+            break
     bar.close()
 
+    checksums = session.parameter_checksums()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tok = accelerator.unwrap_model(module).tokenizer
-        if ema is not None:
-            ema.copy_to(tok)
+        tok = session.unwrapped.tokenizer
+        if session.ema is not None:
+            session.ema.copy_to(tok)
         tok.save_pretrained(os.path.join(args.output_dir, "vae"), safe_serialization=True)
         with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
-            json.dump({"steps": state.step, "wall_minutes": (time.time() - start) / 60}, f, indent=2)
-        accelerator.print(f"saved {args.output_dir}/vae after {state.step} steps")
+            json.dump({"steps": session.step, "wall_minutes": (time.time() - start) / 60,
+                       "num_processes": accelerator.num_processes, "rank_parameter_checksums": checksums}, f, indent=2)
+        accelerator.print(f"saved {args.output_dir}/vae after {session.step} steps")
     accelerator.end_training()
 
 

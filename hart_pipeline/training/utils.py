@@ -6,25 +6,25 @@ import math
 import os
 import re
 import time
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 
 class EMA:
-    """Exponential moving average of a module's floating-point parameters.
+    """Exponential moving average of a module's trained (``requires_grad``) floating-point parameters.
 
     ``decay_t = min(decay, (1 + step) / (10 + step))`` (warm-up so early averages are not dominated
-    by the random init). Checkpointable through ``state_dict`` / ``load_state_dict`` (works with
-    ``accelerator.register_for_checkpointing``).
+    by the random init). Saved in checkpoints as ``ema.safetensors`` (see :mod:`.checkpoint`).
     """
 
     def __init__(self, module: nn.Module, decay: float = 0.999):
         self.decay = decay
         self.num_updates = 0
         self.shadow: Dict[str, torch.Tensor] = {
-            name: p.detach().clone().float() for name, p in module.named_parameters() if p.dtype.is_floating_point
+            name: p.detach().clone().float() for name, p in module.named_parameters()
+            if p.requires_grad and p.dtype.is_floating_point
         }
 
     def current_decay(self) -> float:
@@ -45,26 +45,11 @@ class EMA:
             if name in self.shadow:
                 p.copy_(self.shadow[name].to(p.dtype))
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        self.num_updates = state["num_updates"]
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
-
-
-class TrainState:
-    """The step counter (and anything scalar) saved alongside accelerate's checkpoint."""
-
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+    def load(self, shadow: Dict[str, torch.Tensor], decay: float, num_updates: int) -> None:
+        if set(shadow) != set(self.shadow):
+            raise ValueError(f"EMA weights do not fit this model: {sorted(set(shadow) ^ set(self.shadow))[:5]}")
+        self.decay, self.num_updates = decay, int(num_updates)
+        self.shadow = {k: v.float().to(self.shadow[k].device) for k, v in shadow.items()}
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
@@ -118,7 +103,7 @@ def save_args(args: argparse.Namespace, path: str) -> None:
         json.dump({k: v for k, v in vars(args).items() if k != "config"}, f, indent=2)
 
 
-__all__ = ["EMA", "TrainState", "latest_checkpoint", "parse_with_config", "prune_checkpoints", "save_args"]
+__all__ = ["EMA", "contact_sheet", "latest_checkpoint", "parse_with_config", "prune_checkpoints", "save_args"]
 
 
 def add_optimisation_args(p: argparse.ArgumentParser, batch_size: int, weight_decay: float, ema_decay: float) -> None:
@@ -131,13 +116,17 @@ def add_optimisation_args(p: argparse.ArgumentParser, batch_size: int, weight_de
     p.add_argument("--warmup_steps", type=int, default=50)
     p.add_argument("--grad_clip", type=float, default=1.0)
     p.add_argument("--ema_decay", type=float, default=ema_decay, help="EMA decay of the trained weights; 0: off")
-    p.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
+                   help="autocast dtype of the forward pass (bf16 works on CPU too); weights stay fp32")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     p.add_argument("--num_threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--checkpoint_every", type=int, default=200)
     p.add_argument("--keep_checkpoints", type=int, default=2)
     p.add_argument("--resume", type=str, default=None, help="checkpoint folder, or 'latest'")
+    p.add_argument("--eval_every", type=int, default=0, help="write a contact sheet of samples every N steps (0: off)")
+    p.add_argument("--eval_samples", type=int, default=8, help="images on each contact sheet")
 
 
 def lr_lambda(warmup: int, total: int):
@@ -152,23 +141,115 @@ def lr_lambda(warmup: int, total: int):
     return factor
 
 
-def log_and_checkpoint(accelerator, args: argparse.Namespace, state: "TrainState", running: Dict[str, float], bar,
-                       log_path: str, start: float, postfix_keys: Iterable[str]) -> bool:
-    """End-of-step bookkeeping shared by the trainers: every ``log_every`` steps write ``running`` (the
-    averaged losses plus whatever the caller added) to the JSON-lines log and the progress bar, every
-    ``checkpoint_every`` steps save a resumable checkpoint. Returns True when training is done."""
-    if state.step % args.log_every == 0:
-        running.update(step=state.step, minutes=(time.time() - start) / 60)
+def log_and_checkpoint(accelerator, args: argparse.Namespace, step: int, running: Dict[str, float], bar,
+                       log_path: str, start: float, postfix_keys: Iterable[str],
+                       save: Callable[[str], None], evaluate: Callable[[str], None]) -> bool:
+    """End-of-step bookkeeping shared by the trainers. Every ``log_every`` steps: the averaged losses on the
+    progress bar, one readable line on the console and one JSON line in the log; every ``eval_every``
+    steps: ``evaluate(path)`` writes a contact sheet (main process); every ``checkpoint_every`` steps and
+    at the end: ``save(folder)`` (all processes). Returns True when training is done."""
+    if step % args.log_every == 0:
+        running.update(step=step, minutes=(time.time() - start) / 60)
         bar.set_postfix({k: f"{running[k]:.4f}" for k in postfix_keys})
         if accelerator.is_main_process:
+            losses = "  ".join(f"{k} {v:.4f}" for k, v in running.items() if k not in ("step", "minutes", "lr"))
+            bar.write(f"step {step:>6}/{args.train_steps}  {losses}  lr {running.get('lr', 0.0):.2e}  "
+                      f"{running['minutes']:.1f} min")
             with open(log_path, "a") as f:
                 f.write(json.dumps(running) + "\n")
         running.clear()
+    if args.eval_every > 0 and step % args.eval_every == 0 and accelerator.is_main_process:
+        evaluate(os.path.join(args.output_dir, "samples", f"step_{step}.png"))
     out_of_time = args.max_minutes > 0 and (time.time() - start) / 60 > args.max_minutes
-    done = state.step >= args.train_steps or out_of_time
-    if state.step % args.checkpoint_every == 0 or done:
-        accelerator.wait_for_everyone()
-        accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"step_{state.step}"))
+    done = step >= args.train_steps or out_of_time
+    if step % args.checkpoint_every == 0 or done:
+        save(os.path.join(args.output_dir, "checkpoints", f"step_{step}"))
         if accelerator.is_main_process:
             prune_checkpoints(args.output_dir, args.keep_checkpoints)
     return done
+
+
+def contact_sheet(images: torch.Tensor, columns: int, path: str) -> None:
+    """Save images (N, 3, H, W) in [0, 1] as one PNG grid with ``columns`` per row (2 px dark gutters)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    sheet = torch.full((3, rows * (h + 2) + 2, columns * (w + 2) + 2), 0.1)
+    for i, image in enumerate(images.float().clamp(0, 1).cpu()):
+        r, c = divmod(i, columns)
+        sheet[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = image
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray((sheet.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+
+
+class TrainingSession:
+    """What both trainers share around their loop: the accelerator, and safe checkpoints (resume + save).
+
+    Order of use: ``session = TrainingSession(args)`` (verifies a ``--resume`` checkpoint first) ->
+    build the module -> :meth:`prepare` (loads the checkpoint's weights into the plain module, wraps
+    everything with accelerate, then restores optimizer / LR schedule / EMA / RNG) -> loop with
+    :attr:`step` -> :meth:`save` from every process.
+    """
+
+    def __init__(self, args: argparse.Namespace):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, set_seed
+
+        from .checkpoint import read_checkpoint
+
+        self.args = args
+        # the LR schedule counts optimizer steps whatever the number of processes; the shuffle of epoch e
+        # depends only on (seed, e), so a resumed run sees the batches an uninterrupted one would
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, step_scheduler_with_optimizer=False,
+                                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        set_seed(args.seed)
+        folder = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+        self.checkpoint = read_checkpoint(folder) if folder else None
+        self.step = 0
+        self.ema: Optional[EMA] = None
+        self.fsdp = self.accelerator.distributed_type.name == "FSDP"
+
+    def prepare(self, module: nn.Module, optimizer, loader, lr_scheduler, ema_module: Callable[[nn.Module], nn.Module],
+                trained_only: bool = False):
+        """Wrap for accelerate; resume. ``ema_module(unwrapped)`` is the part the EMA tracks;
+        ``trained_only``: checkpoints hold only the parameters that require grad (LoRA mode)."""
+        from .checkpoint import load_model_state, load_training_state
+
+        if self.checkpoint is not None:
+            load_model_state(self.checkpoint, module, trained_only)
+        self.trained = {n for n, p in module.named_parameters() if p.requires_grad} if trained_only else None
+        self.module, self.optimizer, self.loader, self.lr_scheduler = self.accelerator.prepare(
+            module, optimizer, loader, lr_scheduler)
+        self.ema_module = ema_module
+        if self.args.ema_decay > 0:
+            self.ema = EMA(ema_module(self.unwrapped), self.args.ema_decay)
+        if self.checkpoint is not None:
+            self.step = load_training_state(self.checkpoint, self.accelerator, self.optimizer, self.lr_scheduler, self.ema)
+            self.accelerator.print(f"resumed from {self.checkpoint.folder} at step {self.step}")
+        return self.module, self.optimizer, self.loader, self.lr_scheduler
+
+    def batches(self):
+        """Training batches from the current step on, epoch after epoch (a resumed run continues mid-epoch)."""
+        epoch, skip = divmod(self.step, len(self.loader))
+        while True:
+            self.loader.set_epoch(epoch)
+            yield from (self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader)
+            epoch, skip = epoch + 1, 0
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.module)
+
+    def save(self, folder: str) -> None:
+        from .checkpoint import save_checkpoint
+
+        state = self.accelerator.get_state_dict(self.module)
+        if self.trained is not None:
+            state = {k: v for k, v in state.items() if k in self.trained}
+        save_checkpoint(folder, self.accelerator, state, self.optimizer, self.lr_scheduler, self.step, self.ema)
+
+    def parameter_checksums(self) -> list:
+        """Sum of the trained parameters on every process (equal when the ranks stayed in sync)."""
+        total = sum(p.detach().double().sum() for p in self.unwrapped.parameters() if p.requires_grad)
+        return self.accelerator.gather(total.reshape(1).to(self.accelerator.device)).tolist()
