@@ -27,6 +27,9 @@ image = pipe("{example_prompt}", generator=torch.Generator().manual_seed(0)).ima
 image.save("image.png")
 ```
 
+Without the `hart_pipeline` package, the code this folder carries runs it:
+`DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)`.
+
 Generated images are {size}x{size}.
 """
 
