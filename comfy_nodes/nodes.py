@@ -179,7 +179,8 @@ def tokenizer_decode(model: HARTModel, tokens: HARTTokenHandle, discrete_only: b
 def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance: float, top_k: int, top_p: float,
               smooth: bool, size: str, batch_size: int, keep_scales: int,
               negative: Optional[HARTConditioning] = None,
-              prefix: Optional[HARTTokenHandle] = None) -> Tuple[HARTTokenHandle]:
+              prefix: Optional[HARTTokenHandle] = None,
+              num_maskgit_iters: Optional[int] = None) -> Tuple[HARTTokenHandle]:
     pipe = model.pipe
     if positive.is_empty:
         raise ValueError("`positive` must be a text conditioning (HART Text Encode), not the empty one.")
@@ -210,7 +211,8 @@ def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance:
             pipe.transformer, pipe.vae, context.to(dev), position_ids.to(dev),
             None if neg_context is None else neg_context.to(dev), None if neg_positions is None else neg_positions.to(dev),
             patch_nums=patch_nums, guidance_scale=guidance, top_k=None if top_k < 0 else top_k, top_p=top_p,
-            smooth=smooth, generator=generator, prefix_indices=prefix_indices, callback=_stage_callback(progress),
+            smooth=smooth, generator=generator, prefix_indices=prefix_indices, num_maskgit_iters=num_maskgit_iters or 1,
+            callback=_stage_callback(progress),
         )
     return (HARTTokenHandle(tokens=tokens, patch_nums=tuple(patch_nums), generator_state=generator.get_state(),
                             seed=seed),)
@@ -332,7 +334,9 @@ NODE_SPECS: List[NodeSpec] = [
          In("negative", HART_CONDITIONING, "Optional negative conditioning; unconnected (or HART Empty "
             "Conditioning) = the official all-zero condition.", optional=True),
          In("prefix", HART_TOKENS, "Optional tokens (e.g. HART Tokenizer Encode of an image) whose first keep_scales "
-            "scales are kept: variations of that image.", optional=True)],
+            "scales are kept: variations of that image.", optional=True),
+         In("num_maskgit_iters", "INT", "Iterations of the official MaskGIT-style final scale (1 = official "
+            "default: all its tokens at once).", default=1, min=1, max=4096, optional=True)],
         [Out(HART_TOKENS, "tokens", "Discrete tokens, the residual head's condition and the generator state.")],
         ar_sample,
     ),

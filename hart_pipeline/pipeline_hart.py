@@ -318,6 +318,7 @@ class HARTPipeline(DiffusionPipeline):
         top_k: Optional[int] = None,
         top_p: float = 0.0,
         smooth: bool = True,
+        num_maskgit_iters: int = 1,
         num_images_per_prompt: int = 1,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
@@ -343,6 +344,8 @@ class HARTPipeline(DiffusionPipeline):
             top_k: None for the official schedule (600 for the first 7 scales, then 300); 0 disables.
             top_p: nucleus sampling threshold (0 disables, official).
             smooth: the official Gumbel-softmax "more_smooth" soft tokens (default on, as in sample.py).
+            num_maskgit_iters: iterations of the official MaskGIT-style final scale (1 = official default: all
+                its tokens at once); its random orders are seeded from ``generator``.
             generator: a ``torch.Generator`` (or a list with one); the same seed gives the same images.
             prompt_embeds / prompt_attention_mask: precomputed text hidden states (B, T, Ct) and mask.
             output_type: "pil", "np", "pt" or "latent" (the :class:`HARTTokens`).
@@ -373,7 +376,7 @@ class HARTPipeline(DiffusionPipeline):
         patch_nums = self.patch_nums_for_size(height, width)
         num_scales = len(patch_nums)
 
-        with self.progress_bar(total=num_scales + num_inference_steps) as progress:
+        with self.progress_bar(total=num_scales + num_inference_steps * num_maskgit_iters) as progress:
             def on_scale(scale_index: int, total: int, latent: torch.Tensor) -> None:
                 if callback_on_step_end is not None:
                     tensors = {"latents": latent} if "latents" in (callback_on_step_end_tensor_inputs or []) else {}
@@ -385,10 +388,10 @@ class HARTPipeline(DiffusionPipeline):
             tokens = generate_tokens(
                 self.transformer, self.vae, embeds, positions, neg_embeds, neg_positions, patch_nums=patch_nums,
                 guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, smooth=smooth, generator=generator,
-                callback=on_scale,
+                num_maskgit_iters=num_maskgit_iters, callback=on_scale,
             )
             tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
-                                  generator=generator, callback=lambda *_: progress.update())
+                                  generator=generator, callback=lambda i, total: progress.update())
 
         if output_type == "latent":
             images = tokens

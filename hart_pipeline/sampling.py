@@ -15,6 +15,7 @@ which the released weights were tuned with:
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from diffusers.utils import BaseOutput
 
@@ -36,6 +37,9 @@ class HARTTokens(BaseOutput):
         residual_condition: (2B, pn_last^2, C) the residual head's condition for the conditional and
             unconditional rows, or None (tokens from the tokenizer's encoder).
         residual_guidance: the guidance weight the residual stage uses (the final scale's).
+        residual_positions: boolean (B, h*w) masks of the final-scale positions whose residual the residual
+            stage samples, one group after the other (the MaskGIT iterations, in their order); positions in
+            no group keep ``residual`` (inpainting). None = every position, in one group.
     """
 
     indices: List[torch.Tensor]
@@ -43,6 +47,7 @@ class HARTTokens(BaseOutput):
     residual: Optional[torch.Tensor] = None
     residual_condition: Optional[torch.Tensor] = None
     residual_guidance: float = 0.0
+    residual_positions: Optional[List[torch.Tensor]] = None
 
 
 def guidance_ramp(guidance_scale: float, num_scales: int) -> List[float]:
@@ -69,6 +74,45 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         remove[..., -1:] = False
         logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
     return logits
+
+
+def maskgit_orders(batch_size: int, num_tokens: int, random_state: np.random.RandomState) -> torch.Tensor:
+    """The official ``sample_orders``: one ``random_state.shuffle(arange(num_tokens))`` per row, (B, L) int64."""
+    orders = []
+    for _ in range(batch_size):
+        order = np.arange(num_tokens)
+        random_state.shuffle(order)
+        orders.append(order)
+    return torch.from_numpy(np.stack(orders)).long()
+
+
+def maskgit_steps(orders: torch.Tensor, num_iters: int) -> List[torch.Tensor]:
+    """Positions (B, n_k) predicted at each MaskGIT iteration of the final scale, sorted per row.
+
+    The official cosine schedule: after iteration k the first ``floor(L cos(pi/2 (k+1)/K))`` entries of each
+    row's order stay masked (at least one, and at least one fewer than before); the last iteration predicts
+    everything still masked.
+    """
+    B, L = orders.shape
+    masked = L
+    steps = []
+    for k in range(num_iters):
+        if k == num_iters - 1:
+            keep_masked = 0
+        else:
+            keep_masked = int(np.floor(L * np.cos(np.pi / 2.0 * (k + 1) / num_iters)))
+            keep_masked = max(1, min(masked - 1, keep_masked))
+        steps.append(orders[:, keep_masked:masked].sort(dim=1).values)
+        masked = keep_masked
+    return steps
+
+
+def _gather_rows(x: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """x (N, l, ...) at per-row positions (N, n) -> (N, n, ...); None = all of x."""
+    if positions is None:
+        return x
+    index = positions.to(x.device).view(*positions.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
 
 
 def _on_generator_device(fn: Callable[[torch.device], torch.Tensor], generator: Optional[torch.Generator], device) -> torch.Tensor:
@@ -124,6 +168,9 @@ def generate_tokens(
     smooth: bool = True,
     generator: Optional[torch.Generator] = None,
     prefix_indices: Optional[Sequence[torch.Tensor]] = None,
+    prefix_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    num_maskgit_iters: int = 1,
+    maskgit_rng: Optional[np.random.RandomState] = None,
     callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
 ) -> HARTTokens:
     """The AR stage: predict every scale's discrete tokens with classifier-free guidance.
@@ -134,13 +181,24 @@ def generate_tokens(
             hidden states with position ids 0.
         patch_nums: patch schedule; defaults to the transformer's.
         top_k: None = the official schedule (600, then 300 from scale 7); 0 disables top-k.
-        prefix_indices: indices (B, pn^2) of the first scales to keep instead of sampling them, e.g.
-            from ``vae.encode`` to regenerate only the fine scales of an image (teacher forcing when
-            every scale is given). No random numbers are drawn for those scales.
+        prefix_indices: indices (B, pn^2) of the first scales to take from an image instead of sampling
+            them, e.g. from ``vae.encode`` (teacher forcing; variations keep the coarse scales).
+        prefix_masks: optional, one per given scale: a boolean (B, pn^2) map, True where the token of
+            ``prefix_indices`` is kept and False where it is sampled (inpainting), or None to keep the whole
+            scale. A scale kept whole draws no random numbers; a partly kept one samples every position
+            (the same draws as without a prefix) and then restores the kept tokens.
+        num_maskgit_iters: iterations of the official MaskGIT-style final scale (1 = all tokens at once,
+            the official default). With K > 1 the final-scale tokens are predicted in K groups following a
+            random order per image and the official cosine schedule; group k attends to groups < k.
+        maskgit_rng: the numpy ``RandomState`` that shuffles those orders (the official code uses numpy's
+            global one: ``np.random.RandomState(s)`` reproduces a run after ``np.random.seed(s)``). Default:
+            a RandomState seeded with one draw from ``generator`` (only when K > 1), so the seed of
+            ``generator`` alone fixes the result.
         callback: called as ``callback(scale_index, num_scales, f_hat)`` after every scale, with the
             running latent (B, Cv, h, w) (progress bars, interrupts, previews; in-place edits are kept).
     Returns:
-        :class:`HARTTokens` without the residual, with the residual head's condition.
+        :class:`HARTTokens` without the residual, with the residual head's condition (and, with MaskGIT
+        or masks, the groups of positions whose residual is sampled).
     """
     patch_nums = tuple(patch_nums or transformer.config.patch_nums)
     if negative_context is None:
@@ -150,6 +208,7 @@ def generate_tokens(
     num_scales, last = len(patch_nums), patch_nums[-1]
     quantizer = tokenizer.quantizer
     codebook = quantizer.embedding.weight
+    device = codebook.device
     ramp = guidance_ramp(guidance_scale, num_scales)
     prefix = list(prefix_indices or [])
     if len(prefix) > num_scales or any(p.shape != (B, pn * pn) for p, pn in zip(prefix, patch_nums)):
@@ -157,6 +216,22 @@ def generate_tokens(
             f"prefix_indices must be at most {num_scales} tensors shaped (B, pn^2) for patch_nums {patch_nums}; got "
             f"{[tuple(p.shape) for p in prefix]}."
         )
+    masks = list(prefix_masks) if prefix_masks is not None else [None] * len(prefix)
+    if len(masks) != len(prefix) or any(m is not None and m.shape != p.shape for m, p in zip(masks, prefix)):
+        raise ValueError(
+            f"prefix_masks must hold one (B, pn^2) boolean map (or None) per prefix_indices entry; got "
+            f"{[None if m is None else tuple(m.shape) for m in masks]} for {[tuple(p.shape) for p in prefix]}."
+        )
+    if not isinstance(num_maskgit_iters, int) or not 1 <= num_maskgit_iters <= last * last:
+        raise ValueError(f"num_maskgit_iters must be an integer in [1, {last * last}] (final-scale tokens); "
+                         f"got {num_maskgit_iters!r}.")
+    final_steps: List[Optional[torch.Tensor]] = [None]
+    if num_maskgit_iters > 1:
+        if maskgit_rng is None:
+            seed = _on_generator_device(lambda d: torch.randint(0, 2**32 - 1, (1,), generator=generator, device=d),
+                                        generator, "cpu")
+            maskgit_rng = np.random.RandomState(int(seed))
+        final_steps = maskgit_steps(maskgit_orders(B, last * last, maskgit_rng), num_maskgit_iters)
 
     condition = transformer.embed_context(torch.cat([context, negative_context]))  # (2B, T, C)
     position_ids = torch.cat([context_position_ids, negative_position_ids]).to(transformer.device)
@@ -164,33 +239,65 @@ def generate_tokens(
     levels = transformer.scale_embeddings(num_scales)
     kv_cache = transformer.new_kv_cache(2 * B, patch_nums, T)
 
-    f_hat = torch.zeros(B, codebook.shape[1], last, last, device=codebook.device, dtype=codebook.dtype)
+    f_hat = torch.zeros(B, codebook.shape[1], last, last, device=device, dtype=codebook.dtype)
     x = condition + levels[0]
     indices: List[torch.Tensor] = []
+    residual_condition, residual_positions = None, None
     for si, pn in enumerate(patch_nums):
         ratio = min(si, num_scales - 2) / (num_scales - 1)
-        h = transformer.forward_scale(x, si, patch_nums, position_ids, kv_cache)
-        if si == 0:
-            h = h[:, -1:]  # the 1x1 token is predicted from the last text position
-        if si < len(prefix):
-            idx = prefix[si].to(codebook.device)
-            tokens = codebook[idx]
-        else:
-            logits = transformer.logits(h, modulation)
-            t = ramp[si]
-            guided = (1 + t) * logits[:B] - t * logits[B:]
-            k = default_top_k(si) if top_k is None else top_k
-            idx, tokens = sample_scale_tokens(guided, codebook, k, top_p, smooth, ratio, generator)
+        given = prefix[si].to(device) if si < len(prefix) else None
+        keep = None if given is None or masks[si] is None else masks[si].to(device=device, dtype=torch.bool)
+        kept_whole = given is not None and (keep is None or bool(keep.all()))
+        is_final = si == num_scales - 1
+        steps = final_steps if is_final else [None]
+        idx = torch.empty(B, pn * pn, dtype=torch.long, device=device)
+        tokens = codebook.new_empty(B, pn * pn, codebook.shape[1])
+        if is_final:
+            residual_condition = condition.new_empty(2 * B, pn * pn, condition.shape[-1])
+            residual_positions = [] if len(steps) > 1 or keep is not None or kept_whole else None
+        for positions in steps:  # one step, or the MaskGIT iterations of the final scale
+            rows = None if positions is None else positions.to(device).repeat(2, 1)
+            h = transformer.forward_scale(_gather_rows(x, rows), si, patch_nums, position_ids, kv_cache, positions=rows)
+            if si == 0:
+                h = h[:, -1:]  # the 1x1 token is predicted from the last text position
+            step_given = None if given is None else _gather_rows(given, positions)
+            if kept_whole:
+                step_idx, step_tokens = step_given, codebook[step_given]
+            else:
+                logits = transformer.logits(h, modulation)
+                t = ramp[si]
+                guided = (1 + t) * logits[:B] - t * logits[B:]
+                k = default_top_k(si) if top_k is None else top_k
+                step_idx, step_tokens = sample_scale_tokens(guided, codebook, k, top_p, smooth, ratio, generator)
+                if step_given is not None:
+                    step_keep = _gather_rows(keep, positions)
+                    step_idx = torch.where(step_keep, step_given, step_idx)
+                    step_tokens = torch.where(step_keep[..., None], codebook[step_given], step_tokens)
+            if positions is None:
+                idx, tokens = step_idx, step_tokens
+            else:
+                idx.scatter_(1, positions.to(device), step_idx)
+                tokens.scatter_(1, positions.to(device)[..., None].expand_as(step_tokens), step_tokens)
+            if is_final:
+                step_condition = transformer.residual_condition(h, codebook[step_idx].repeat(2, 1, 1))
+                if rows is None:
+                    residual_condition = step_condition
+                else:
+                    residual_condition.scatter_(1, rows.to(device)[..., None].expand_as(step_condition), step_condition)
+                if residual_positions is not None and not kept_whole:
+                    sampled = torch.ones(B, pn * pn, dtype=torch.bool, device=device)
+                    if positions is not None:
+                        sampled = torch.zeros_like(sampled).scatter(1, positions.to(device), True)
+                    residual_positions.append(sampled if keep is None else sampled & ~keep)
         indices.append(idx)
         tokens = tokens.transpose(1, 2).reshape(B, -1, pn, pn)
         f_hat = quantizer.add_scale(f_hat, tokens, si, patch_nums)
         if callback is not None:
             callback(si, num_scales, f_hat)
-        if si < num_scales - 1:
+        if not is_final:
             x = transformer.embed_scale(quantizer.next_scale_input(f_hat, patch_nums[si + 1]), levels[si + 1]).repeat(2, 1, 1)
-        else:
-            residual_condition = transformer.residual_condition(h, codebook[idx].repeat(2, 1, 1))
-    return HARTTokens(indices=indices, latent=f_hat, residual_condition=residual_condition, residual_guidance=ramp[-1])
+    return HARTTokens(indices=indices, latent=f_hat, residual_condition=residual_condition, residual_guidance=ramp[-1],
+                      residual_positions=residual_positions)
 
 
 def guided_head_output(head: HARTResidualHead, x: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor,
@@ -257,16 +364,34 @@ def add_residual(
     generator: Optional[torch.Generator] = None,
     callback: Optional[Callable[[int, int], None]] = None,
 ) -> HARTTokens:
-    """Fill in the continuous residual of AR-stage tokens (guidance defaults to the final scale's)."""
+    """Fill in the continuous residual of AR-stage tokens (guidance defaults to the final scale's).
+
+    With ``tokens.residual_positions`` the groups are sampled one after the other (the official MaskGIT
+    order of draws) and every other position keeps ``tokens.residual``.
+    """
     if tokens.residual_condition is None:
         raise ValueError("These tokens carry no residual condition; they must come from generate_tokens().")
     B, Cv, h, w = tokens.latent.shape
     g = tokens.residual_guidance if guidance_scale is None else guidance_scale
-    res = sample_residual(head, scheduler, tokens.residual_condition.flatten(0, 1), g, num_inference_steps,
-                          generator, callback=callback)
-    residual = res.view(B, h * w, Cv).transpose(1, 2).reshape(B, Cv, h, w).to(tokens.latent.dtype)
+    condition = tokens.residual_condition  # (2B, h*w, C)
+    groups = tokens.residual_positions
+    if groups is None:
+        groups = [torch.ones(B, h * w, dtype=torch.bool, device=condition.device)]
+    if tokens.residual is None:
+        residual = tokens.latent.new_zeros(B, h * w, Cv)
+    else:
+        residual = tokens.residual.flatten(2).transpose(1, 2).clone()  # (B, h*w, Cv)
+    groups = [m for m in groups if m.any()]
+    total = len(groups) * num_inference_steps
+    for gi, group in enumerate(groups):
+        rows = torch.cat([condition[:B][group], condition[B:][group]])  # [cond; uncond], row-major (b, position)
+        step_callback = None if callback is None else (lambda i, n, gi=gi: callback(gi * num_inference_steps + i, total))
+        res = sample_residual(head, scheduler, rows, g, num_inference_steps, generator, callback=step_callback)
+        residual[group.to(residual.device)] = res.to(residual.dtype)
+    residual = residual.transpose(1, 2).reshape(B, Cv, h, w)
     return HARTTokens(indices=tokens.indices, latent=tokens.latent, residual=residual,
-                      residual_condition=tokens.residual_condition, residual_guidance=g)
+                      residual_condition=tokens.residual_condition, residual_guidance=g,
+                      residual_positions=tokens.residual_positions)
 
 
 @torch.no_grad()

@@ -259,13 +259,16 @@ class HARTTransformer(ModelMixin, ConfigMixin):
                        self.dtype, self.device)
 
     def forward_scale(self, x: torch.Tensor, scale_index: int, patch_nums: Sequence[int],
-                      context_position_ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+                      context_position_ids: torch.Tensor, kv_cache: KVCache,
+                      positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Incremental forward of one scale against the KV cache.
 
         Args:
             x: (N, l, C) embedded tokens: the condition tokens (+ level 0) for ``scale_index == 0``,
                 else :meth:`embed_scale` of that scale's input.
             context_position_ids: (N, T) text position ids (zeros for the CFG null rows).
+            positions: (N, l) row-major indices of the given tokens within the scale when x holds only
+                part of it (the MaskGIT final stage); None = the whole scale in order.
         Returns:
             (N, l, C) last-block hidden states.
         """
@@ -273,6 +276,9 @@ class HARTTransformer(ModelMixin, ConfigMixin):
             cos, sin = self.text_rope(context_position_ids)
         else:
             cos, sin = self.image_rope(patch_nums, [scale_index], context_position_ids)
+            if positions is not None:
+                index = positions.to(self.device)[..., None].expand(-1, -1, cos.shape[-1])
+                cos, sin = cos.gather(1, index), sin.gather(1, index)
         return self.run_blocks(x, cos, sin, kv_cache)
 
     def forward(
