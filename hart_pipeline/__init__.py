@@ -2,7 +2,9 @@
 
 from .models import HARTHybridTokenizer, HARTResidualHead, HARTTransformer, HybridTokens
 from .pipeline_hart import HARTPipeline, HARTPipelineOutput
-from .sampling import HARTTokens, add_residual, decode_tokens, encode_images, generate_tokens, sample_residual
+from .pipeline_hart_img2img import HARTImg2ImgPipeline
+from .pipeline_hart_inpaint import HARTInpaintPipeline, outpaint_canvas
+from .sampling import HARTTokens, add_residual, decode_tokens, edit_tokens, encode_images, generate_tokens, sample_residual
 from .scheduler import HARTResidualScheduler
 from .schedules import PATCH_NUMS, patch_nums_for_resolution
 
@@ -11,6 +13,8 @@ __version__ = "0.1.0"
 __all__ = [
     "PATCH_NUMS",
     "HARTHybridTokenizer",
+    "HARTImg2ImgPipeline",
+    "HARTInpaintPipeline",
     "HARTPipeline",
     "HARTPipelineOutput",
     "HARTResidualHead",
@@ -20,8 +24,10 @@ __all__ = [
     "HybridTokens",
     "add_residual",
     "decode_tokens",
+    "edit_tokens",
     "encode_images",
     "generate_tokens",
+    "outpaint_canvas",
     "patch_nums_for_resolution",
     "sample_residual",
 ]

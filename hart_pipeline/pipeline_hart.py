@@ -39,6 +39,7 @@ SYSTEM_PROMPT = (
 )
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+HART_PIPELINES = ("HARTPipeline", "HARTImg2ImgPipeline", "HARTInpaintPipeline")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -151,8 +152,8 @@ class HARTPipeline(DiffusionPipeline):
                 raise ValueError(f"{path} is not a HART pipeline folder: it has no model_index.json.")
             with open(index) as f:
                 class_name = json.load(f).get("_class_name")
-            if class_name != cls.__name__:
-                raise ValueError(f"{path} holds a {class_name} pipeline, not a {cls.__name__}.")
+            if class_name not in HART_PIPELINES:  # the HART pipelines share their components (like diffusers' tasks)
+                raise ValueError(f"{path} holds a {class_name} pipeline, not a HART pipeline ({', '.join(HART_PIPELINES)}).")
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True, variant: Optional[str] = None,

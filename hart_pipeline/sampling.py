@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 
 from .models.residual_head import HARTResidualHead
@@ -298,6 +299,76 @@ def generate_tokens(
             x = transformer.embed_scale(quantizer.next_scale_input(f_hat, patch_nums[si + 1]), levels[si + 1]).repeat(2, 1, 1)
     return HARTTokens(indices=indices, latent=f_hat, residual_condition=residual_condition, residual_guidance=ramp[-1],
                       residual_positions=residual_positions)
+
+
+def kept_scales(strength: float, num_scales: int) -> int:
+    """Scales an edit keeps from the image: the last ``int(strength * SN)`` are re-sampled (diffusers' rule
+    for img2img steps), so 0 keeps everything (the image's reconstruction) and 1 nothing (text-to-image)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(f"`strength` must be a number in [0, 1] (0 = the image itself, 1 = text-to-image); got {strength!r}.")
+    return num_scales - min(int(strength * num_scales), num_scales)
+
+
+def repaint_maps(mask: torch.Tensor, patch_nums: Sequence[int]) -> List[torch.Tensor]:
+    """A pixel mask (B, 1, H, W) in [0, 1] (1 = repaint) -> per-scale boolean token maps (B, pn^2).
+
+    The mask is area-resized to every scale's grid. A token is repainted when at least half of it is masked,
+    and at the final scale when any of it is: every masked pixel is repainted, while coarse tokens mostly
+    outside the mask stay the image's (they set the colours of everything around them).
+    """
+    maps = []
+    for si, pn in enumerate(patch_nums):
+        coverage = F.interpolate(mask.float(), size=(pn, pn), mode="area").flatten(1)  # (B, pn^2)
+        maps.append(coverage > 0 if si == len(patch_nums) - 1 else coverage >= 0.5)
+    return maps
+
+
+def edit_tokens(
+    transformer: HARTTransformer,
+    tokenizer: HARTHybridTokenizer,
+    image_tokens: HARTTokens,
+    context: torch.Tensor,
+    context_position_ids: torch.Tensor,
+    strength: float = 1.0,
+    repaint_mask: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> HARTTokens:
+    """The AR stage of an edit: the image's tokens teacher-forced where kept, sampled elsewhere.
+
+    Args:
+        image_tokens: the image's hybrid tokens (:func:`encode_images`), batch 1 or B; their schedule is used.
+        strength: the last ``int(strength * SN)`` scales are re-sampled (see :func:`kept_scales`).
+        repaint_mask: (B or 1, 1, H, W) pixel mask, 1 = repaint (inpainting); outside it every scale keeps
+            the image's tokens. None = the whole image (variations / image-to-image).
+        kwargs: the other arguments of :func:`generate_tokens` (guidance, generator, MaskGIT, ...).
+    Returns:
+        :class:`HARTTokens` whose ``residual`` is the image's; :func:`add_residual` re-samples it only where
+        the final scale was sampled. When nothing is re-sampled these are the image's own tokens (nothing is
+        computed).
+    """
+    B = context.shape[0]
+    indices = list(image_tokens.indices)
+    patch_nums = tokenizer.patch_nums_from_indices(indices)
+    if indices[0].shape[0] not in (1, B):
+        raise ValueError(f"The image has batch {indices[0].shape[0]}; it must be 1 or the number of images ({B}).")
+    indices = [idx.expand(B, -1) for idx in indices]
+    residual = image_tokens.residual.expand(B, -1, -1, -1) if image_tokens.residual is not None else None
+    num_kept = kept_scales(strength, len(patch_nums))
+    if repaint_mask is None:
+        masks = [None] * num_kept + [torch.zeros_like(idx, dtype=torch.bool) for idx in indices[num_kept:]]
+    else:
+        if repaint_mask.shape[0] not in (1, B):
+            raise ValueError(f"The mask has batch {repaint_mask.shape[0]}; it must be 1 or the number of images ({B}).")
+        repaint = repaint_maps(repaint_mask.expand(B, -1, -1, -1), patch_nums)
+        masks = [None] * num_kept + [~r.to(idx.device) for r, idx in zip(repaint[num_kept:], indices[num_kept:])]
+    if all(m is None or bool(m.all()) for m in masks):
+        latent = tokenizer.quantizer.indices_to_latent(indices, patch_nums)
+        return HARTTokens(indices=indices, latent=latent, residual=residual)
+    tokens = generate_tokens(transformer, tokenizer, context, context_position_ids, patch_nums=patch_nums,
+                             prefix_indices=indices, prefix_masks=masks, **kwargs)
+    return HARTTokens(indices=tokens.indices, latent=tokens.latent, residual=residual,
+                      residual_condition=tokens.residual_condition, residual_guidance=tokens.residual_guidance,
+                      residual_positions=tokens.residual_positions)
 
 
 def guided_head_output(head: HARTResidualHead, x: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor,
