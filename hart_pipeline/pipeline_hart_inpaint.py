@@ -37,18 +37,25 @@ EXAMPLE_DOC_STRING = """
 
 
 def outpaint_canvas(image: PIL.Image.Image, size: int, left: Optional[int] = None, top: Optional[int] = None,
-                    fill: Tuple[int, int, int] = (127, 127, 127)) -> Tuple[PIL.Image.Image, PIL.Image.Image]:
+                    fill: Union[str, Tuple[int, int, int]] = "edge") -> Tuple[PIL.Image.Image, PIL.Image.Image]:
     """Place ``image`` on a ``size`` x ``size`` canvas for outpainting: returns (canvas, mask), white = paint.
 
-    ``left``/``top`` default to centring the image; the image must fit on the canvas.
+    ``left``/``top`` default to centring the image, which must fit. ``fill`` = "edge" extends the image's
+    border pixels outwards, so the coarse scales (which the prompt alone cannot know) start from the image's
+    colours; or an RGB colour.
     """
     width, height = image.size
     left = (size - width) // 2 if left is None else left
     top = (size - height) // 2 if top is None else top
     if left < 0 or top < 0 or left + width > size or top + height > size:
         raise ValueError(f"A {width}x{height} image at ({left}, {top}) does not fit on a {size}x{size} canvas.")
-    canvas = PIL.Image.new("RGB", (size, size), fill)
-    canvas.paste(image.convert("RGB"), (left, top))
+    pixels = np.asarray(image.convert("RGB"))
+    if fill == "edge":
+        pad = ((top, size - top - height), (left, size - left - width), (0, 0))
+        canvas = PIL.Image.fromarray(np.pad(pixels, pad, mode="edge"))
+    else:
+        canvas = PIL.Image.new("RGB", (size, size), tuple(fill))
+        canvas.paste(PIL.Image.fromarray(pixels), (left, top))
     mask = PIL.Image.new("L", (size, size), 255)
     mask.paste(0, (left, top, left + width, top + height))
     return canvas, mask

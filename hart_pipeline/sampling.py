@@ -312,14 +312,15 @@ def kept_scales(strength: float, num_scales: int) -> int:
 def repaint_maps(mask: torch.Tensor, patch_nums: Sequence[int]) -> List[torch.Tensor]:
     """A pixel mask (B, 1, H, W) in [0, 1] (1 = repaint) -> per-scale boolean token maps (B, pn^2).
 
-    The mask is area-resized to every scale's grid. A token is repainted when at least half of it is masked,
-    and at the final scale when any of it is: every masked pixel is repainted, while coarse tokens mostly
-    outside the mask stay the image's (they set the colours of everything around them).
+    The mask is area-resized to every scale's grid. A token is repainted when more than half of it is masked,
+    and at the final scale when any of it is: every masked pixel is repainted, while coarse tokens half or
+    more outside the mask stay the image's (later scales are residuals on top of them, so a re-sampled coarse
+    token shifts the colours of the kept tokens it covers).
     """
     maps = []
     for si, pn in enumerate(patch_nums):
         coverage = F.interpolate(mask.float(), size=(pn, pn), mode="area").flatten(1)  # (B, pn^2)
-        maps.append(coverage > 0 if si == len(patch_nums) - 1 else coverage >= 0.5)
+        maps.append(coverage > 0 if si == len(patch_nums) - 1 else coverage > 0.5)
     return maps
 
 

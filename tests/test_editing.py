@@ -60,6 +60,8 @@ def test_repaint_maps_half_coverage_coarse_any_coverage_final():
     assert maps[1].view(2, 2).tolist() == [[True, False], [False, False]]
     final = maps[3].view(4, 4)
     assert final[:3, :3].all() and not final[3].any() and not final[:, 3].any()  # 40 px reaches into the 3rd token
+    half = repaint_maps(box_mask(0, 64, 32, 64), TINY_PATCH_NUMS)
+    assert half[0].tolist() == [[False]] and half[2].view(3, 3)[:, 1].tolist() == [False] * 3  # exactly half: kept
 
 
 def test_inpaint_keeps_every_outside_token_and_changes_the_inside(pipe, image):
