@@ -117,9 +117,8 @@ class HARTImg2ImgPipeline(HARTPipeline):
                 top_k=top_k, top_p=top_p, smooth=smooth, generator=generator, num_maskgit_iters=num_maskgit_iters,
                 callback=lambda *_: progress.update(),
             )
-            if tokens.residual_condition is not None:
-                tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
-                                      generator=generator, callback=lambda *_: progress.update())
+            tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
+                                  generator=generator, callback=lambda *_: progress.update())
 
         if output_type == "latent":
             images = tokens

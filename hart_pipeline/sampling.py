@@ -345,7 +345,7 @@ def edit_tokens(
     Returns:
         :class:`HARTTokens` whose ``residual`` is the image's; :func:`add_residual` re-samples it only where
         the final scale was sampled. When nothing is re-sampled these are the image's own tokens (nothing is
-        computed).
+        computed; ``residual_positions`` is empty).
     """
     B = context.shape[0]
     indices = list(image_tokens.indices)
@@ -364,7 +364,7 @@ def edit_tokens(
         masks = [None] * num_kept + [~r.to(idx.device) for r, idx in zip(repaint[num_kept:], indices[num_kept:])]
     if all(m is None or bool(m.all()) for m in masks):
         latent = tokenizer.quantizer.indices_to_latent(indices, patch_nums)
-        return HARTTokens(indices=indices, latent=latent, residual=residual)
+        return HARTTokens(indices=indices, latent=latent, residual=residual, residual_positions=[])
     tokens = generate_tokens(transformer, tokenizer, context, context_position_ids, patch_nums=patch_nums,
                              prefix_indices=indices, prefix_masks=masks, **kwargs)
     return HARTTokens(indices=tokens.indices, latent=tokens.latent, residual=residual,
@@ -441,6 +441,8 @@ def add_residual(
     With ``tokens.residual_positions`` the groups are sampled one after the other (the official MaskGIT
     order of draws) and every other position keeps ``tokens.residual``.
     """
+    if tokens.residual_positions == []:
+        return tokens  # nothing to re-sample (an edit that kept every token)
     if tokens.residual_condition is None:
         raise ValueError("These tokens carry no residual condition; they must come from generate_tokens().")
     B, Cv, h, w = tokens.latent.shape
