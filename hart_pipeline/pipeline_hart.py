@@ -320,6 +320,8 @@ class HARTPipeline(DiffusionPipeline):
         top_p: float = 0.0,
         smooth: bool = True,
         num_maskgit_iters: int = 1,
+        guidance_stop_scale: Optional[int] = None,
+        token_pruning: Optional[Dict[int, float]] = None,
         num_images_per_prompt: int = 1,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
@@ -347,6 +349,10 @@ class HARTPipeline(DiffusionPipeline):
             smooth: the official Gumbel-softmax "more_smooth" soft tokens (default on, as in sample.py).
             num_maskgit_iters: iterations of the official MaskGIT-style final scale (1 = official default: all
                 its tokens at once); its random orders are seeded from ``generator``.
+            guidance_stop_scale: opt-in speed-up (Switti): no guidance from this scale index on (nor in the
+                residual stage); the unconditional half of the batch is dropped there. None = official.
+            token_pruning: opt-in speed-up (FastVAR): ``{patch side: fraction of tokens pruned}`` (e.g.
+                ``{48: 0.5, 64: 0.75}`` at 1024px). None = official. Trade-offs: ``benchmarks/fast_modes.py``.
             generator: a ``torch.Generator`` (or a list with one); the same seed gives the same images.
             prompt_embeds / prompt_attention_mask: precomputed text hidden states (B, T, Ct) and mask.
             output_type: "pil", "np", "pt" or "latent" (the :class:`HARTTokens`).
@@ -389,7 +395,8 @@ class HARTPipeline(DiffusionPipeline):
             tokens = generate_tokens(
                 self.transformer, self.vae, embeds, positions, neg_embeds, neg_positions, patch_nums=patch_nums,
                 guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, smooth=smooth, generator=generator,
-                num_maskgit_iters=num_maskgit_iters, callback=on_scale,
+                num_maskgit_iters=num_maskgit_iters, guidance_stop_scale=guidance_stop_scale,
+                token_pruning=token_pruning, callback=on_scale,
             )
             tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
                                   generator=generator, callback=lambda i, total: progress.update())

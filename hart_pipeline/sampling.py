@@ -12,8 +12,9 @@ which the released weights were tuned with:
 * the unconditional rows use an all-zero text condition with position ids 0.
 """
 
+import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -116,6 +117,29 @@ def _gather_rows(x: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Te
     return x.gather(1, index)
 
 
+def pruned_forward_scale(
+    transformer: HARTTransformer, x: torch.Tensor, scale_index: int, patch_nums: Sequence[int],
+    position_ids: torch.Tensor, kv_cache, prune_ratio: float, previous: Tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """FastVAR-style cached token pruning of one scale (Guo et al. 2025, arXiv 2503.23367), at the scale level.
+
+    Only the pivotal tokens run through the blocks: those whose input is farthest from the scale's mean input
+    (the high-frequency proxy), ``1 - prune_ratio`` of them. The pruned ones get their input plus what the
+    blocks added at the previous scale (``previous`` = its (input, output), both (N, l', C)), area-resized
+    to this scale: FastVAR's cached token restoration. Pruned tokens add no keys to the cache.
+    """
+    N, L, C = x.shape
+    prev_in, prev_out = (p[:N] for p in previous)  # (the unconditional rows may have been dropped since)
+    pn, prev_pn = patch_nums[scale_index], math.isqrt(prev_in.shape[1])
+    num_kept = max(1, L - int(L * prune_ratio))
+    score = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(-1)  # (N, L); both CFG halves share their inputs
+    kept = score.topk(num_kept, dim=1).indices.sort(dim=1).values  # (N, num_kept)
+    h_kept = transformer.forward_scale(_gather_rows(x, kept), scale_index, patch_nums, position_ids, kv_cache, positions=kept)
+    delta = (prev_out - prev_in).transpose(1, 2).reshape(N, C, prev_pn, prev_pn)
+    delta = F.interpolate(delta.float(), size=(pn, pn), mode="area").to(x.dtype).flatten(2).transpose(1, 2)
+    return (x + delta).scatter(1, kept[..., None].expand(-1, -1, C), h_kept)
+
+
 def _on_generator_device(fn: Callable[[torch.device], torch.Tensor], generator: Optional[torch.Generator], device) -> torch.Tensor:
     """Draw with ``fn(device)`` on the generator's device (CPU generators stay reproducible), then move."""
     draw_device = generator.device if generator is not None else device
@@ -172,6 +196,8 @@ def generate_tokens(
     prefix_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
     num_maskgit_iters: int = 1,
     maskgit_rng: Optional[np.random.RandomState] = None,
+    guidance_stop_scale: Optional[int] = None,
+    token_pruning: Optional[Dict[int, float]] = None,
     callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
 ) -> HARTTokens:
     """The AR stage: predict every scale's discrete tokens with classifier-free guidance.
@@ -195,6 +221,12 @@ def generate_tokens(
             global one: ``np.random.RandomState(s)`` reproduces a run after ``np.random.seed(s)``). Default:
             a RandomState seeded with one draw from ``generator`` (only when K > 1), so the seed of
             ``generator`` alone fixes the result.
+        guidance_stop_scale: opt-in speed-up (Switti, Voronov et al. 2024, arXiv 2412.01819): scales from this
+            index on (and the residual stage, then unguided) run without classifier-free guidance, so the
+            unconditional half of the batch is dropped. None (default) = guidance at every scale (official).
+        token_pruning: opt-in speed-up (FastVAR, arXiv 2503.23367): ``{patch side: fraction pruned}``, e.g.
+            ``{48: 0.5, 64: 0.75}`` (FastVAR's setting for HART 1024px); see :func:`pruned_forward_scale`.
+            Not combinable with MaskGIT on the same (final) scale. None (default) = every token (official).
         callback: called as ``callback(scale_index, num_scales, f_hat)`` after every scale, with the
             running latent (B, Cv, h, w) (progress bars, interrupts, previews; in-place edits are kept).
     Returns:
@@ -226,6 +258,15 @@ def generate_tokens(
     if not isinstance(num_maskgit_iters, int) or not 1 <= num_maskgit_iters <= last * last:
         raise ValueError(f"num_maskgit_iters must be an integer in [1, {last * last}] (final-scale tokens); "
                          f"got {num_maskgit_iters!r}.")
+    stop = num_scales if guidance_stop_scale is None else guidance_stop_scale
+    if isinstance(stop, bool) or not isinstance(stop, int) or stop < 0:
+        raise ValueError(f"guidance_stop_scale must be a scale index >= 0 (or None); got {guidance_stop_scale!r}.")
+    pruning = dict(token_pruning or {})
+    if any(pn not in patch_nums[2:] or not 0 <= r < 1 for pn, r in pruning.items()):
+        raise ValueError(f"token_pruning maps patch sides of {patch_nums[2:]} (the third scale on) to fractions in "
+                         f"[0, 1); got {token_pruning}.")
+    if num_maskgit_iters > 1 and last in pruning:
+        raise ValueError("token_pruning of the final scale cannot be combined with num_maskgit_iters > 1.")
     final_steps: List[Optional[torch.Tensor]] = [None]
     if num_maskgit_iters > 1:
         if maskgit_rng is None:
@@ -243,9 +284,14 @@ def generate_tokens(
     f_hat = torch.zeros(B, codebook.shape[1], last, last, device=device, dtype=codebook.dtype)
     x = condition + levels[0]
     indices: List[torch.Tensor] = []
-    residual_condition, residual_positions = None, None
+    residual_condition, residual_positions, previous = None, None, None
     for si, pn in enumerate(patch_nums):
         ratio = min(si, num_scales - 2) / (num_scales - 1)
+        guided_scale = si < stop
+        if si == stop:  # guidance off from here on: drop the unconditional rows
+            x, position_ids, modulation = x[:B], position_ids[:B], tuple(m[:B] for m in modulation)
+            kv_cache.select_rows(B)
+        halves = 2 if guided_scale else 1
         given = prefix[si].to(device) if si < len(prefix) else None
         keep = None if given is None or masks[si] is None else masks[si].to(device=device, dtype=torch.bool)
         kept_whole = given is not None and (keep is None or bool(keep.all()))
@@ -257,8 +303,12 @@ def generate_tokens(
             residual_condition = condition.new_empty(2 * B, pn * pn, condition.shape[-1])
             residual_positions = [] if len(steps) > 1 or keep is not None or kept_whole else None
         for positions in steps:  # one step, or the MaskGIT iterations of the final scale
-            rows = None if positions is None else positions.to(device).repeat(2, 1)
-            h = transformer.forward_scale(_gather_rows(x, rows), si, patch_nums, position_ids, kv_cache, positions=rows)
+            rows = None if positions is None else positions.to(device).repeat(halves, 1)
+            if pn in pruning:
+                h = pruned_forward_scale(transformer, x, si, patch_nums, position_ids, kv_cache, pruning[pn], previous)
+            else:
+                h = transformer.forward_scale(_gather_rows(x, rows), si, patch_nums, position_ids, kv_cache, positions=rows)
+            previous = (x, h)
             if si == 0:
                 h = h[:, -1:]  # the 1x1 token is predicted from the last text position
             step_given = None if given is None else _gather_rows(given, positions)
@@ -267,7 +317,7 @@ def generate_tokens(
             else:
                 logits = transformer.logits(h, modulation)
                 t = ramp[si]
-                guided = (1 + t) * logits[:B] - t * logits[B:]
+                guided = (1 + t) * logits[:B] - t * logits[B:] if guided_scale else logits
                 k = default_top_k(si) if top_k is None else top_k
                 step_idx, step_tokens = sample_scale_tokens(guided, codebook, k, top_p, smooth, ratio, generator)
                 if step_given is not None:
@@ -280,7 +330,9 @@ def generate_tokens(
                 idx.scatter_(1, positions.to(device), step_idx)
                 tokens.scatter_(1, positions.to(device)[..., None].expand_as(step_tokens), step_tokens)
             if is_final:
-                step_condition = transformer.residual_condition(h, codebook[step_idx].repeat(2, 1, 1))
+                step_condition = transformer.residual_condition(h, codebook[step_idx].repeat(halves, 1, 1))
+                if not guided_scale:  # unguided residual stage: the conditional rows twice, guidance 0
+                    step_condition, rows = step_condition.repeat(2, 1, 1), None if rows is None else rows.repeat(2, 1)
                 if rows is None:
                     residual_condition = step_condition
                 else:
@@ -296,9 +348,10 @@ def generate_tokens(
         if callback is not None:
             callback(si, num_scales, f_hat)
         if not is_final:
-            x = transformer.embed_scale(quantizer.next_scale_input(f_hat, patch_nums[si + 1]), levels[si + 1]).repeat(2, 1, 1)
-    return HARTTokens(indices=indices, latent=f_hat, residual_condition=residual_condition, residual_guidance=ramp[-1],
-                      residual_positions=residual_positions)
+            next_halves = 2 if si + 1 < stop else 1
+            x = transformer.embed_scale(quantizer.next_scale_input(f_hat, patch_nums[si + 1]), levels[si + 1]).repeat(next_halves, 1, 1)
+    return HARTTokens(indices=indices, latent=f_hat, residual_condition=residual_condition,
+                      residual_guidance=ramp[-1] if stop >= num_scales else 0.0, residual_positions=residual_positions)
 
 
 def kept_scales(strength: float, num_scales: int) -> int:
@@ -379,6 +432,8 @@ def guided_head_output(head: HARTResidualHead, x: torch.Tensor, timestep: torch.
     The head runs on ``[x; x]``; eps is mixed as ``(1 + g) eps_c - g eps_u``; v stays the conditional one.
     """
     N, channels = x.shape
+    if guidance_scale == 0:  # (1 + 0) eps_c - 0 eps_u = eps_c: the unconditional rows are not needed
+        return head(x.to(head.dtype), timestep[:N], condition[:N].to(head.dtype)).float()
     out = head(torch.cat([x, x]).to(head.dtype), timestep, condition.to(head.dtype)).float()
     eps = (1 + guidance_scale) * out[:N, :channels] - guidance_scale * out[N:, :channels]
     return torch.cat([eps, out[:N, channels:]], dim=-1)

@@ -52,6 +52,10 @@ class KVCache:
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
 
+    def select_rows(self, num_rows: int) -> None:
+        """Keep only the first ``num_rows`` batch rows (e.g. drop the CFG unconditional half)."""
+        self.keys, self.values = self.keys[:, :num_rows], self.values[:, :num_rows]
+
 
 class HARTAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, q/v biases (no k bias) and RoPE.
