@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from hart_pipeline import add_residual, decode_tokens, generate_tokens
 from hart_pipeline.sampling import maskgit_orders, maskgit_steps
 
-from conftest import FIXTURES, tiny_transformer, tiny_vae, text_condition
+from conftest import FIXTURES, recorded_hidden_states, text_condition, tiny_transformer, tiny_vae
 from test_parity import _load_case, abs_err, rel_err
 
 
@@ -29,25 +29,12 @@ def case(request, tmp_path_factory):
     return case
 
 
-def _generate(case, run, record=None):
+def _generate(case, run):
     e, info = case["expected"], case["runs"][run]
-    transformer = case["transformer"]
-    if record is not None:
-        original = transformer.forward_scale
-
-        def recorder(*args, **kwargs):
-            record.append(original(*args, **kwargs))
-            return record[-1]
-
-        transformer.forward_scale = recorder
-    try:
-        return generate_tokens(
-            transformer, case["vae"], e["ctx"], e["ctx_pos"], patch_nums=case["patch_nums"], guidance_scale=4.5,
-            top_k=1 if info["greedy"] else None, smooth=info["smooth"], generator=torch.Generator().manual_seed(7),
-            num_maskgit_iters=info["num_maskgit_iters"], maskgit_rng=np.random.RandomState(123))
-    finally:
-        if record is not None:
-            del transformer.forward_scale
+    return generate_tokens(
+        case["transformer"], case["vae"], e["ctx"], e["ctx_pos"], patch_nums=case["patch_nums"], guidance_scale=4.5,
+        top_k=1 if info["greedy"] else None, smooth=info["smooth"], generator=torch.Generator().manual_seed(7),
+        num_maskgit_iters=info["num_maskgit_iters"], maskgit_rng=np.random.RandomState(123))
 
 
 def test_orders_and_schedule_match_official(case):
@@ -77,8 +64,8 @@ def test_maskgit_iterations_logits_and_residual_condition_match_official(case):
     """Per iteration: the raw logits of both CFG halves and the residual head's condition."""
     m, transformer = case["maskgit"], case["transformer"]
     run = "k4.greedy.plain"
-    hidden = []
-    tokens = _generate(case, run, record=hidden)
+    with recorded_hidden_states(transformer) as hidden:
+        tokens = _generate(case, run)
     B = case["expected"]["ctx"].shape[0]
     condition = transformer.embed_context(torch.cat([case["expected"]["ctx"], torch.zeros_like(case["expected"]["ctx"])]))
     modulation = transformer.head_modulation(condition)
