@@ -383,7 +383,7 @@ class HARTPipeline(DiffusionPipeline):
         patch_nums = self.patch_nums_for_size(height, width)
         num_scales = len(patch_nums)
 
-        with self.progress_bar(total=num_scales + num_inference_steps * num_maskgit_iters) as progress:
+        with self.progress_bar(total=num_scales + num_inference_steps * max(1, int(num_maskgit_iters))) as progress:
             def on_scale(scale_index: int, total: int, latent: torch.Tensor) -> None:
                 if callback_on_step_end is not None:
                     tensors = {"latents": latent} if "latents" in (callback_on_step_end_tensor_inputs or []) else {}

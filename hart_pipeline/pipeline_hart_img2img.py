@@ -110,7 +110,7 @@ class HARTImg2ImgPipeline(HARTPipeline):
         image_tokens = encode_images(self.vae, originals.to(self.vae.dtype), patch_nums)
 
         num_scales = len(patch_nums)
-        with self.progress_bar(total=num_scales + num_inference_steps * num_maskgit_iters) as progress:
+        with self.progress_bar(total=num_scales + num_inference_steps * max(1, int(num_maskgit_iters))) as progress:
             tokens = edit_tokens(
                 self.transformer, self.vae, image_tokens, embeds, positions, strength=strength, repaint_mask=mask,
                 negative_context=neg_embeds, negative_position_ids=neg_positions, guidance_scale=guidance_scale,

@@ -103,3 +103,15 @@ def test_bad_maskgit_iters(iters):
     context, positions = text_condition()
     with pytest.raises(ValueError, match="num_maskgit_iters"):
         generate_tokens(transformer, vae, context, positions, num_maskgit_iters=iters)
+
+
+def test_pipeline_num_maskgit_iters():
+    from conftest import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda k, seed=0: pipe("a red circle", num_maskgit_iters=k, generator=torch.Generator().manual_seed(seed),
+                                 output_type="pt").images
+    assert torch.equal(run(4), run(4)) and not torch.equal(run(4), run(1))
+    with pytest.raises(ValueError, match="num_maskgit_iters"):
+        run(0)
