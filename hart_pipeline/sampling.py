@@ -301,7 +301,7 @@ def generate_tokens(
         tokens = codebook.new_empty(B, pn * pn, codebook.shape[1])
         if is_final:
             residual_condition = condition.new_empty(2 * B, pn * pn, condition.shape[-1])
-            residual_positions = [] if len(steps) > 1 or keep is not None or kept_whole else None
+            residual_positions = [] if len(steps) > 1 or keep is not None else None  # None: all at once
         for positions in steps:  # one step, or the MaskGIT iterations of the final scale
             rows = None if positions is None else positions.to(device).repeat(halves, 1)
             if pn in pruning:
@@ -337,7 +337,7 @@ def generate_tokens(
                     residual_condition = step_condition
                 else:
                     residual_condition.scatter_(1, rows.to(device)[..., None].expand_as(step_condition), step_condition)
-                if residual_positions is not None and not kept_whole:
+                if residual_positions is not None:  # positions kept by a mask keep their residual
                     sampled = torch.ones(B, pn * pn, dtype=torch.bool, device=device)
                     if positions is not None:
                         sampled = torch.zeros_like(sampled).scatter(1, positions.to(device), True)

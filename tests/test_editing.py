@@ -13,6 +13,7 @@ from hart_pipeline import (
     decode_tokens,
     edit_tokens,
     encode_images,
+    generate_tokens,
     outpaint_canvas,
 )
 from hart_pipeline.sampling import kept_scales, repaint_maps
@@ -187,3 +188,13 @@ def test_residual_positions_keep_the_rest(pipe, image):
     tokens = add_residual(tokens, pipe.residual_head, pipe.scheduler, generator=gen())
     flat, ref = tokens.residual.flatten(2), original.residual.flatten(2)
     assert torch.equal(flat[..., 5:], ref[..., 5:]) and not torch.allclose(flat[..., :5], ref[..., :5])
+
+
+def test_a_whole_prefix_still_gets_a_sampled_residual(pipe, image):
+    """prefix_indices without masks (teacher forcing every scale) keep the old meaning: the residual is sampled."""
+    original = encode_images(pipe.vae, image)
+    embeds, positions, _, _ = pipe.encode_prompt(PROMPT)
+    tokens = generate_tokens(pipe.transformer, pipe.vae, embeds, positions, prefix_indices=original.indices)
+    assert tokens.residual_positions is None
+    tokens = add_residual(tokens, pipe.residual_head, pipe.scheduler, generator=gen())
+    assert tokens.residual is not None and not torch.equal(tokens.residual, original.residual)
