@@ -126,7 +126,9 @@ def run_ours(args) -> Dict:
 
     def generate(meter: Meter, context, positions):
         g = torch.Generator(device=device).manual_seed(args.seed)
-        tokens = meter.run("ar", lambda: generate_tokens(transformer, vae, context, positions, patch_nums=patch_nums, generator=g))
+        tokens = meter.run("ar", lambda: generate_tokens(transformer, vae, context, positions, patch_nums=patch_nums, generator=g,
+                                                         guidance_stop_scale=args.guidance_stop_scale,
+                                                         token_pruning=dict(args.token_pruning or []) or None))
         tokens = meter.run("residual", lambda: add_residual(tokens, head, scheduler, generator=g))
         meter.run("decode", lambda: decode_tokens(vae, tokens))
 
@@ -167,6 +169,9 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--attention", help="a diffusers attention backend: native (default), flash, _flash_3_hub, sage, "
                                             "xformers, _native_math, ...")
     parser.add_argument("--official", help="path to a checkout of github.com/mit-han-lab/hart to compare with")
+    parser.add_argument("--guidance-stop-scale", type=int, help="fast mode (ours): no guidance from this scale on")
+    parser.add_argument("--token-pruning", type=lambda v: tuple(float(x) if "." in x else int(x) for x in v.split(":")),
+                        nargs="+", help="fast mode (ours): SIDE:FRACTION pairs, e.g. 48:0.5 64:0.75")
     parser.add_argument("--impl", choices=["ours", "official"], help=argparse.SUPPRESS)  # subprocess mode
     args = parser.parse_args(argv)
     if args.threads:

@@ -12,7 +12,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from hart_pipeline import HARTPipeline, add_residual, decode_tokens, encode_images, generate_tokens
+from hart_pipeline import HARTPipeline, add_residual, decode_tokens, edit_tokens, encode_images, generate_tokens
 
 from . import runtime
 from .handles import HART_CONDITIONING, HART_MODEL, HART_TOKENS, HARTConditioning, HARTModel, HARTTokenHandle
@@ -152,18 +152,23 @@ def empty_conditioning() -> Tuple[HARTConditioning]:
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
+def _square(images: torch.Tensor, resize: str, default_size: int) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] -> centre-cropped to a square and resized (``resize``: "none", auto or a side)."""
+    if resize == "none":
+        return images
+    side = default_size if resize == AUTO_SIZE else int(resize)
+    h, w = images.shape[-2:]
+    crop = min(h, w)
+    top, left = (h - crop) // 2, (w - crop) // 2
+    images = images[..., top:top + crop, left:left + crop]
+    if crop != side:
+        images = F.interpolate(images, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+    return images.clamp(0, 1)
+
+
 def tokenizer_encode(model: HARTModel, image: torch.Tensor, resize: str) -> Tuple[HARTTokenHandle]:
     pipe = model.pipe
-    images = image[..., :3].permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 1]
-    if resize != "none":
-        side = pipe.default_size if resize == AUTO_SIZE else int(resize)
-        h, w = images.shape[-2:]
-        crop = min(h, w)
-        top, left = (h - crop) // 2, (w - crop) // 2
-        images = images[..., top:top + crop, left:left + crop]
-        if crop != side:
-            images = F.interpolate(images, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
-        images = images.clamp(0, 1)
+    images = _square(image[..., :3].permute(0, 3, 1, 2).float(), resize, pipe.default_size)  # (B, 3, H, W) in [0, 1]
     with model.stage("vae") as pipe:
         tokens = encode_images(pipe.vae, images)
     return (HARTTokenHandle(tokens=tokens, patch_nums=pipe.vae.patch_nums_from_indices(tokens.indices)),)
@@ -176,11 +181,8 @@ def tokenizer_decode(model: HARTModel, tokens: HARTTokenHandle, discrete_only: b
 
 
 # ------------------------------------------------------------------------------------------------- sampling
-def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance: float, top_k: int, top_p: float,
-              smooth: bool, size: str, batch_size: int, keep_scales: int,
-              negative: Optional[HARTConditioning] = None,
-              prefix: Optional[HARTTokenHandle] = None) -> Tuple[HARTTokenHandle]:
-    pipe = model.pipe
+def _condition_rows(positive: HARTConditioning, negative: Optional[HARTConditioning], batch_size: int):
+    """(context, position_ids, negative context or None, negative position ids or None), batch_size per prompt."""
     if positive.is_empty:
         raise ValueError("`positive` must be a text conditioning (HART Text Encode), not the empty one.")
     context, position_ids = positive.rows(batch_size)
@@ -192,6 +194,17 @@ def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance:
             neg_context, neg_positions = neg_context.expand(B, -1, -1), neg_positions.expand(B, -1)
         if neg_context.shape[0] != B:
             raise ValueError(f"The negative conditioning has {neg_context.shape[0]} rows for {B} positive rows.")
+    return context, position_ids, neg_context, neg_positions
+
+
+def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance: float, top_k: int, top_p: float,
+              smooth: bool, size: str, batch_size: int, keep_scales: int,
+              negative: Optional[HARTConditioning] = None,
+              prefix: Optional[HARTTokenHandle] = None,
+              num_maskgit_iters: Optional[int] = None) -> Tuple[HARTTokenHandle]:
+    pipe = model.pipe
+    context, position_ids, neg_context, neg_positions = _condition_rows(positive, negative, batch_size)
+    B = context.shape[0]
     prefix_indices = None
     if prefix is not None and keep_scales > 0:
         prefix_indices = [i if i.shape[0] == B else i.expand(B, -1) for i in prefix.tokens.indices[:keep_scales]]
@@ -210,7 +223,8 @@ def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance:
             pipe.transformer, pipe.vae, context.to(dev), position_ids.to(dev),
             None if neg_context is None else neg_context.to(dev), None if neg_positions is None else neg_positions.to(dev),
             patch_nums=patch_nums, guidance_scale=guidance, top_k=None if top_k < 0 else top_k, top_p=top_p,
-            smooth=smooth, generator=generator, prefix_indices=prefix_indices, callback=_stage_callback(progress),
+            smooth=smooth, generator=generator, prefix_indices=prefix_indices, num_maskgit_iters=num_maskgit_iters or 1,
+            callback=_stage_callback(progress),
         )
     return (HARTTokenHandle(tokens=tokens, patch_nums=tuple(patch_nums), generator_state=generator.get_state(),
                             seed=seed),)
@@ -218,7 +232,7 @@ def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance:
 
 def residual_diffusion(model: HARTModel, tokens: HARTTokenHandle, steps: int, guidance: float,
                        seed: int) -> Tuple[HARTTokenHandle]:
-    if tokens.tokens.residual_condition is None:
+    if tokens.tokens.residual_condition is None and tokens.tokens.residual_positions != []:
         raise ValueError("These HART_TOKENS have no residual condition: connect the HART AR Sampler's output "
                          "(tokens from HART Tokenizer Encode already carry their residual).")
     if seed >= 0:
@@ -252,6 +266,51 @@ def generate(model: HARTModel, prompt: str, negative_prompt: str, seed: int, siz
                       num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch_size,
                       generator=_generator(seed), output_type="pt", callback_on_step_end=on_scale).images
     return (_to_image(images),)
+
+
+# ------------------------------------------------------------------------------------------------- editing
+def edit_sample(model: HARTModel, positive: HARTConditioning, image: torch.Tensor, seed: int, guidance: float,
+                strength: float, batch_size: int, mask: Optional[torch.Tensor] = None,
+                negative: Optional[HARTConditioning] = None,
+                num_maskgit_iters: Optional[int] = None) -> Tuple[HARTTokenHandle]:
+    """The AR stage of a variation (no mask) or an inpainting (mask, 1 = repaint): ``edit_tokens``."""
+    (image_tokens,) = tokenizer_encode(model, image, AUTO_SIZE)
+    repaint = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
+            raise ValueError(f"`mask` must be a ComfyUI MASK, (H, W) or (B, H, W); got {getattr(mask, 'shape', type(mask))}.")
+        mask = mask if mask.ndim == 3 else mask[None]
+        if tuple(mask.shape[-2:]) != tuple(image.shape[1:3]):
+            raise ValueError(f"`mask` is {mask.shape[-1]}x{mask.shape[-2]} but `image` is {image.shape[2]}x{image.shape[1]}; "
+                             "use a mask of the image's size.")
+        repaint = (_square(mask[:, None].float(), AUTO_SIZE, model.pipe.default_size) >= 0.5).float()
+    context, position_ids, neg_context, neg_positions = _condition_rows(positive, negative, batch_size)
+    generator = _generator(seed)
+    progress = runtime.Progress(len(image_tokens.patch_nums))
+    with model.stage("transformer", "vae") as pipe:
+        dev = model.device
+        tokens = edit_tokens(
+            pipe.transformer, pipe.vae, image_tokens.tokens, context.to(dev), position_ids.to(dev), strength=strength,
+            repaint_mask=None if repaint is None else repaint.to(dev),
+            negative_context=None if neg_context is None else neg_context.to(dev),
+            negative_position_ids=None if neg_positions is None else neg_positions.to(dev),
+            guidance_scale=guidance, generator=generator, num_maskgit_iters=num_maskgit_iters or 1,
+            callback=_stage_callback(progress),
+        )
+    return (HARTTokenHandle(tokens=tokens, patch_nums=image_tokens.patch_nums, generator_state=generator.get_state(),
+                            seed=seed),)
+
+
+def variation(model: HARTModel, positive: HARTConditioning, image: torch.Tensor, seed: int, guidance: float,
+              strength: float, batch_size: int, negative: Optional[HARTConditioning] = None,
+              num_maskgit_iters: Optional[int] = None) -> Tuple[HARTTokenHandle]:
+    return edit_sample(model, positive, image, seed, guidance, strength, batch_size, None, negative, num_maskgit_iters)
+
+
+def inpaint(model: HARTModel, positive: HARTConditioning, image: torch.Tensor, mask: torch.Tensor, seed: int,
+            guidance: float, strength: float, batch_size: int, negative: Optional[HARTConditioning] = None,
+            num_maskgit_iters: Optional[int] = None) -> Tuple[HARTTokenHandle]:
+    return edit_sample(model, positive, image, seed, guidance, strength, batch_size, mask, negative, num_maskgit_iters)
 
 
 # ------------------------------------------------------------------------------------------------- the specs
@@ -332,7 +391,9 @@ NODE_SPECS: List[NodeSpec] = [
          In("negative", HART_CONDITIONING, "Optional negative conditioning; unconnected (or HART Empty "
             "Conditioning) = the official all-zero condition.", optional=True),
          In("prefix", HART_TOKENS, "Optional tokens (e.g. HART Tokenizer Encode of an image) whose first keep_scales "
-            "scales are kept: variations of that image.", optional=True)],
+            "scales are kept: variations of that image.", optional=True),
+         In("num_maskgit_iters", "INT", "Iterations of the official MaskGIT-style final scale (1 = official "
+            "default: all its tokens at once).", default=1, min=1, max=4096, optional=True)],
         [Out(HART_TOKENS, "tokens", "Discrete tokens, the residual head's condition and the generator state.")],
         ar_sample,
     ),
@@ -361,6 +422,46 @@ NODE_SPECS: List[NodeSpec] = [
          In("batch_size", "INT", "Images per prompt.", default=1, min=1, max=64)],
         [Out("IMAGE", "image", "The generated images.")],
         generate,
+    ),
+]
+
+_EDIT_IN = [
+    In("seed", "INT", SEED_TIP, default=0, min=0, max=MAX_SEED, control_after_generate=True),
+    In("guidance", "FLOAT", GUIDANCE_TIP, default=4.5, min=0.0, max=30.0, step=0.1),
+]
+_EDIT_OPTIONAL = [
+    In("negative", HART_CONDITIONING, "Optional negative conditioning; unconnected = the official all-zero condition.",
+       optional=True),
+    In("num_maskgit_iters", "INT", "Iterations of the official MaskGIT-style final scale (1 = all at once).",
+       default=1, min=1, max=4096, optional=True),
+]
+NODE_SPECS += [
+    NodeSpec(
+        "HARTVariation", "HART Variation",
+        "Image to image: keep the image's coarse scales (its hybrid tokens), re-sample the fine ones under the prompt "
+        "(edit_tokens, as HARTImg2ImgPipeline). Feed the result to HART Residual Diffusion (seed -1).",
+        [MODEL_IN, In("positive", HART_CONDITIONING, "The prompt's conditioning."),
+         In("image", "IMAGE", "The image to vary; centre-cropped and resized to the model's size."), *_EDIT_IN,
+         In("strength", "FLOAT", "The last int(strength x scales) scales are re-sampled: 0 = the image's "
+            "reconstruction, 1 = text to image.", default=0.6, min=0.0, max=1.0, step=0.01),
+         In("batch_size", "INT", "Variations per prompt.", default=1, min=1, max=64), *_EDIT_OPTIONAL],
+        [Out(HART_TOKENS, "tokens", "Tokens (the image's where kept), the residual condition and the generator state.")],
+        variation,
+    ),
+    NodeSpec(
+        "HARTInpaint", "HART Inpaint",
+        "Repaint the masked part of an image (outpainting: pad the image and mask the border): tokens outside the "
+        "mask are the image's at every scale, inside sampled (edit_tokens, as HARTInpaintPipeline). Feed the result "
+        "to HART Residual Diffusion (seed -1), which re-samples the residual inside the mask only.",
+        [MODEL_IN, In("positive", HART_CONDITIONING, "The prompt's conditioning."),
+         In("image", "IMAGE", "The image; centre-cropped and resized to the model's size."),
+         In("mask", "MASK", "Same size as the image; 1 (white) = repaint, binarised at 0.5."), *_EDIT_IN,
+         In("strength", "FLOAT", "Inside the mask the last int(strength x scales) scales are sampled, the first ones "
+            "kept (1 = repaint from scratch).", default=1.0, min=0.0, max=1.0, step=0.01),
+         In("batch_size", "INT", "Results per prompt.", default=1, min=1, max=64), *_EDIT_OPTIONAL],
+        [Out(HART_TOKENS, "tokens", "Tokens (the image's outside the mask), the residual condition and the generator "
+             "state.")],
+        inpaint,
     ),
 ]
 

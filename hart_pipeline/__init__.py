@@ -2,7 +2,9 @@
 
 from .models import HARTHybridTokenizer, HARTResidualHead, HARTTransformer, HybridTokens
 from .pipeline_hart import HARTPipeline, HARTPipelineOutput
-from .sampling import HARTTokens, add_residual, decode_tokens, encode_images, generate_tokens, sample_residual
+from .pipeline_hart_img2img import HARTImg2ImgPipeline
+from .pipeline_hart_inpaint import HARTInpaintPipeline, outpaint_canvas
+from .sampling import HARTTokens, add_residual, decode_tokens, edit_tokens, encode_images, generate_tokens, sample_residual
 from .scheduler import HARTResidualScheduler
 from .schedules import PATCH_NUMS, patch_nums_for_resolution
 
@@ -18,6 +20,8 @@ if __name__ == "hart_pipeline":  # not in a folder's bundled copy (remote_code.p
 __all__ = [
     "PATCH_NUMS",
     "HARTHybridTokenizer",
+    "HARTImg2ImgPipeline",
+    "HARTInpaintPipeline",
     "HARTPipeline",
     "HARTPipelineOutput",
     "HARTResidualHead",
@@ -27,8 +31,10 @@ __all__ = [
     "HybridTokens",
     "add_residual",
     "decode_tokens",
+    "edit_tokens",
     "encode_images",
     "generate_tokens",
+    "outpaint_canvas",
     "patch_nums_for_resolution",
     "sample_residual",
 ]

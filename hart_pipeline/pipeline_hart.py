@@ -48,6 +48,7 @@ SYSTEM_PROMPT = (
 )
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+HART_PIPELINES = ("HARTPipeline", "HARTImg2ImgPipeline", "HARTInpaintPipeline")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -218,12 +219,12 @@ def check_components(**components) -> None:
                              "entry of model_index.json or the component you passed.")
 
 
-def check_model_index(path: str, pipeline_class: str) -> dict:
-    """Read a pipeline's ``model_index.json``: a JSON object for ``pipeline_class`` whose HART entries name HART classes."""
+def check_model_index(path: str) -> dict:
+    """Read a pipeline's ``model_index.json``: a JSON object for a HART pipeline whose HART entries name HART classes."""
     index = to_installed_index(read_json_object(path), __package__)  # bundled-code names -> this package
     class_name = index.get("_class_name")
-    if class_name != pipeline_class:
-        raise ValueError(f"{path} holds a {class_name} pipeline, not a {pipeline_class}.")
+    if class_name not in HART_PIPELINES:  # the HART pipelines share their components (like diffusers' tasks)
+        raise ValueError(f"{path} holds a {class_name} pipeline, not a HART pipeline ({', '.join(HART_PIPELINES)}).")
     for name, expected in COMPONENT_CLASSES.items():
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[1] == expected):
@@ -309,7 +310,7 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
                         "hart_pipeline.convert.convert_official)."
                     )
                 raise ValueError(f"{path} is not a HART pipeline folder: it has no model_index.json.")
-            components = [k for k in check_model_index(index, cls.__name__) if not k.startswith("_")]
+            components = [k for k in check_model_index(index) if not k.startswith("_")]
             check_pipeline_folder(path, components)
         for key in ("dtype", "torch_dtype"):
             if kwargs.get(key) is not None:
@@ -486,6 +487,9 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
         top_k: Optional[int] = None,
         top_p: float = 0.0,
         smooth: bool = True,
+        num_maskgit_iters: int = 1,
+        guidance_stop_scale: Optional[int] = None,
+        token_pruning: Optional[Dict[int, float]] = None,
         num_images_per_prompt: int = 1,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
@@ -512,6 +516,12 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
             top_k: None for the official schedule (600 for the first 7 scales, then 300); 0 disables.
             top_p: nucleus sampling threshold (0 disables, official).
             smooth: the official Gumbel-softmax "more_smooth" soft tokens (default on, as in sample.py).
+            num_maskgit_iters: iterations of the official MaskGIT-style final scale (1 = official default: all
+                its tokens at once); its random orders are seeded from ``generator``.
+            guidance_stop_scale: opt-in speed-up (Switti): no guidance from this scale index on (nor in the
+                residual stage); the unconditional half of the batch is dropped there. None = official.
+            token_pruning: opt-in speed-up (FastVAR): ``{patch side: fraction of tokens pruned}`` (e.g.
+                ``{48: 0.5, 64: 0.75}`` at 1024px). None = official. Trade-offs: ``benchmarks/fast_modes.py``.
             generator: a ``torch.Generator`` (or a list with one); the same seed gives the same images.
             prompt_embeds / prompt_attention_mask: precomputed text hidden states (B, T, Ct) and mask.
             output_type: "pil", "np", "pt" or "latent" (the :class:`HARTTokens`).
@@ -540,7 +550,9 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
         patch_nums = self.patch_nums_for_size(height, width)
         num_scales = len(patch_nums)
         call = self._call_state
-        call.guidance_scale, call.num_timesteps, call.interrupt = guidance_scale, num_scales + num_inference_steps, False
+        # the residual stage samples the MaskGIT groups one after the other
+        num_residual_steps = num_inference_steps * (num_maskgit_iters if isinstance(num_maskgit_iters, int) else 1)
+        call.guidance_scale, call.num_timesteps, call.interrupt = guidance_scale, num_scales + num_residual_steps, False
 
         embeds, positions, neg_embeds, neg_positions = self.encode_prompt(
             prompt, negative_prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask,
@@ -565,12 +577,13 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
             return out.get("residual")
 
         tokens = None
-        with self.progress_bar(total=num_scales + num_inference_steps) as progress:
+        with self.progress_bar(total=num_scales + num_residual_steps) as progress:
             try:
                 tokens = generate_tokens(
                     self.transformer, self.vae, embeds, positions, neg_embeds, neg_positions, patch_nums=patch_nums,
                     guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, smooth=smooth, generator=generator,
-                    callback=lambda si, _, latent: step_end(si, si, latent),
+                    num_maskgit_iters=num_maskgit_iters, guidance_stop_scale=guidance_stop_scale,
+                    token_pruning=token_pruning, callback=lambda si, _, latent: step_end(si, si, latent),
                 )
                 tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
                                       generator=generator,

@@ -79,7 +79,7 @@ _package = importlib.import_module(PACKAGE)
 {exports}
 '''
 
-EXPORTS = ("HARTPipeline", "HARTTransformer", "HARTHybridTokenizer", "HARTResidualHead", "HARTResidualScheduler")
+EXPORTS = ("HARTPipeline", "HARTImg2ImgPipeline", "HARTInpaintPipeline", "HARTTransformer", "HARTHybridTokenizer", "HARTResidualHead", "HARTResidualScheduler")
 # the module defining each component class (diffusers looks the load method's base class up in it)
 COMPONENT_MODULES = {"HARTTransformer": "models.transformer", "HARTHybridTokenizer": "models.tokenizer",
                      "HARTResidualHead": "models.residual_head", "HARTResidualScheduler": "scheduler"}

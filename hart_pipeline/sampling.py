@@ -14,9 +14,11 @@ which the released weights were tuned with:
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 
 from .models.residual_head import HARTResidualHead
@@ -37,6 +39,9 @@ class HARTTokens(BaseOutput):
         residual_condition: (2B, pn_last^2, C) the residual head's condition for the conditional and
             unconditional rows, or None (tokens from the tokenizer's encoder).
         residual_guidance: the guidance weight the residual stage uses (the final scale's).
+        residual_positions: boolean (B, h*w) masks of the final-scale positions whose residual the residual
+            stage samples, one group after the other (the MaskGIT iterations, in their order); positions in
+            no group keep ``residual`` (inpainting). None = every position, in one group.
     """
 
     indices: List[torch.Tensor]
@@ -44,6 +49,7 @@ class HARTTokens(BaseOutput):
     residual: Optional[torch.Tensor] = None
     residual_condition: Optional[torch.Tensor] = None
     residual_guidance: float = 0.0
+    residual_positions: Optional[List[torch.Tensor]] = None
 
 
 def guidance_ramp(guidance_scale: float, num_scales: int) -> List[float]:
@@ -70,6 +76,45 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         remove[..., -1:] = False
         logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
     return logits
+
+
+def maskgit_orders(batch_size: int, num_tokens: int, random_state: np.random.RandomState) -> torch.Tensor:
+    """The official ``sample_orders``: one ``random_state.shuffle(arange(num_tokens))`` per row, (B, L) int64."""
+    orders = []
+    for _ in range(batch_size):
+        order = np.arange(num_tokens)
+        random_state.shuffle(order)
+        orders.append(order)
+    return torch.from_numpy(np.stack(orders)).long()
+
+
+def maskgit_steps(orders: torch.Tensor, num_iters: int) -> List[torch.Tensor]:
+    """Positions (B, n_k) predicted at each MaskGIT iteration of the final scale, sorted per row.
+
+    The official cosine schedule: after iteration k the first ``floor(L cos(pi/2 (k+1)/K))`` entries of each
+    row's order stay masked (at least one, and at least one fewer than before); the last iteration predicts
+    everything still masked.
+    """
+    B, L = orders.shape
+    masked = L
+    steps = []
+    for k in range(num_iters):
+        if k == num_iters - 1:
+            keep_masked = 0
+        else:
+            keep_masked = int(np.floor(L * np.cos(np.pi / 2.0 * (k + 1) / num_iters)))
+            keep_masked = max(1, min(masked - 1, keep_masked))
+        steps.append(orders[:, keep_masked:masked].sort(dim=1).values)
+        masked = keep_masked
+    return steps
+
+
+def _gather_rows(x: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """x (N, l, ...) at per-row positions (N, n) -> (N, n, ...); None = all of x."""
+    if positions is None:
+        return x
+    index = positions.to(x.device).view(*positions.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
 
 
 def _on_generator_device(fn: Callable[[torch.device], torch.Tensor], generator: Optional[torch.Generator], device) -> torch.Tensor:
@@ -125,6 +170,11 @@ def generate_tokens(
     smooth: bool = True,
     generator: Optional[torch.Generator] = None,
     prefix_indices: Optional[Sequence[torch.Tensor]] = None,
+    prefix_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    num_maskgit_iters: int = 1,
+    maskgit_rng: Optional[np.random.RandomState] = None,
+    guidance_stop_scale: Optional[int] = None,
+    token_pruning: Optional[Dict[int, float]] = None,
     callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
 ) -> HARTTokens:
     """The AR stage: predict every scale's discrete tokens with classifier-free guidance.
@@ -135,13 +185,30 @@ def generate_tokens(
             hidden states with position ids 0.
         patch_nums: patch schedule; defaults to the transformer's.
         top_k: None = the official schedule (600, then 300 from scale 7); 0 disables top-k.
-        prefix_indices: indices (B, pn^2) of the first scales to keep instead of sampling them, e.g.
-            from ``vae.encode`` to regenerate only the fine scales of an image (teacher forcing when
-            every scale is given). No random numbers are drawn for those scales.
+        prefix_indices: indices (B, pn^2) of the first scales to take from an image instead of sampling
+            them, e.g. from ``vae.encode`` (teacher forcing; variations keep the coarse scales).
+        prefix_masks: optional, one per given scale: a boolean (B, pn^2) map, True where the token of
+            ``prefix_indices`` is kept and False where it is sampled (inpainting), or None to keep the whole
+            scale. A scale kept whole draws no random numbers; a partly kept one samples every position
+            (the same draws as without a prefix) and then restores the kept tokens.
+        num_maskgit_iters: iterations of the official MaskGIT-style final scale (1 = all tokens at once,
+            the official default). With K > 1 the final-scale tokens are predicted in K groups following a
+            random order per image and the official cosine schedule; group k attends to groups < k.
+        maskgit_rng: the numpy ``RandomState`` that shuffles those orders (the official code uses numpy's
+            global one: ``np.random.RandomState(s)`` reproduces a run after ``np.random.seed(s)``). Default:
+            a RandomState seeded with one draw from ``generator`` (only when K > 1), so the seed of
+            ``generator`` alone fixes the result.
+        guidance_stop_scale: opt-in speed-up (Switti, Voronov et al. 2024, arXiv 2412.01819): scales from this
+            index on (and the residual stage, then unguided) run without classifier-free guidance, so the
+            unconditional half of the batch is dropped. None (default) = guidance at every scale (official).
+        token_pruning: opt-in speed-up (FastVAR, arXiv 2503.23367): ``{patch side: fraction pruned}``, e.g.
+            ``{48: 0.5, 64: 0.75}`` (FastVAR's setting for HART 1024px); see :meth:`HARTTransformer.forward`.
+            Not combinable with MaskGIT on the same (final) scale. None (default) = every token (official).
         callback: called as ``callback(scale_index, num_scales, f_hat)`` after every scale, with the
             running latent (B, Cv, h, w) (progress bars, interrupts, previews; in-place edits are kept).
     Returns:
-        :class:`HARTTokens` without the residual, with the residual head's condition.
+        :class:`HARTTokens` without the residual, with the residual head's condition (and, with MaskGIT
+        or masks, the groups of positions whose residual is sampled).
     """
     patch_nums = tuple(patch_nums or transformer.config.patch_nums)
     if negative_context is None:
@@ -151,6 +218,7 @@ def generate_tokens(
     num_scales, last = len(patch_nums), patch_nums[-1]
     quantizer = tokenizer.quantizer
     codebook = quantizer.embedding.weight
+    device = codebook.device
     ramp = guidance_ramp(guidance_scale, num_scales)
     prefix = list(prefix_indices or [])
     if len(prefix) > num_scales or any(p.shape != (B, pn * pn) for p, pn in zip(prefix, patch_nums)):
@@ -158,37 +226,176 @@ def generate_tokens(
             f"prefix_indices must be at most {num_scales} tensors shaped (B, pn^2) for patch_nums {patch_nums}; got "
             f"{[tuple(p.shape) for p in prefix]}."
         )
+    masks = list(prefix_masks) if prefix_masks is not None else [None] * len(prefix)
+    if len(masks) != len(prefix) or any(m is not None and m.shape != p.shape for m, p in zip(masks, prefix)):
+        raise ValueError(
+            f"prefix_masks must hold one (B, pn^2) boolean map (or None) per prefix_indices entry; got "
+            f"{[None if m is None else tuple(m.shape) for m in masks]} for {[tuple(p.shape) for p in prefix]}."
+        )
+    if not isinstance(num_maskgit_iters, int) or not 1 <= num_maskgit_iters <= last * last:
+        raise ValueError(f"num_maskgit_iters must be an integer in [1, {last * last}] (final-scale tokens); "
+                         f"got {num_maskgit_iters!r}.")
+    stop = num_scales if guidance_stop_scale is None else guidance_stop_scale
+    if isinstance(stop, bool) or not isinstance(stop, int) or stop < 0:
+        raise ValueError(f"guidance_stop_scale must be a scale index >= 0 (or None); got {guidance_stop_scale!r}.")
+    pruning = dict(token_pruning or {})
+    if any(pn not in patch_nums[2:] or not 0 <= r < 1 for pn, r in pruning.items()):
+        raise ValueError(f"token_pruning maps patch sides of {patch_nums[2:]} (the third scale on) to fractions in "
+                         f"[0, 1); got {token_pruning}.")
+    if num_maskgit_iters > 1 and last in pruning:
+        raise ValueError("token_pruning of the final scale cannot be combined with num_maskgit_iters > 1.")
+    final_steps: List[Optional[torch.Tensor]] = [None]
+    if num_maskgit_iters > 1:
+        if maskgit_rng is None:
+            seed = _on_generator_device(lambda d: torch.randint(0, 2**32 - 1, (1,), generator=generator, device=d),
+                                        generator, "cpu")
+            maskgit_rng = np.random.RandomState(int(seed))
+        final_steps = maskgit_steps(maskgit_orders(B, last * last, maskgit_rng), num_maskgit_iters)
 
     contexts = torch.cat([context, negative_context])  # (2B, T, Ct)
     position_ids = torch.cat([context_position_ids, negative_position_ids]).to(context.device)
     kv_cache = transformer.new_kv_cache(2 * B, patch_nums, T, device=context.device)
 
-    f_hat = torch.zeros(B, codebook.shape[1], last, last, device=codebook.device, dtype=codebook.dtype)
-    scale_input = None
+    f_hat = torch.zeros(B, codebook.shape[1], last, last, device=device, dtype=codebook.dtype)
+    scale_input = None  # (B, pn^2, Cv) input of the next scale (scale 0 reads the text condition)
     indices: List[torch.Tensor] = []
+    residual_condition, residual_positions = None, None
     for si, pn in enumerate(patch_nums):
         ratio = min(si, num_scales - 2) / (num_scales - 1)
-        # every transformer computation is a forward call: offload hooks see it
-        logits, h = transformer(contexts, position_ids, scale_input, patch_nums, return_dict=False, kv_cache=kv_cache,
-                                scale_index=si)
-        if si < len(prefix):
-            idx = prefix[si].to(codebook.device)
-            tokens = codebook[idx]
-        else:
-            t = ramp[si]
-            guided = (1 + t) * logits[:B] - t * logits[B:]
-            k = default_top_k(si) if top_k is None else top_k
-            idx, tokens = sample_scale_tokens(guided, codebook, k, top_p, smooth, ratio, generator)
+        guided_scale = si < stop
+        if si == stop:  # guidance off from here on: drop the unconditional rows
+            contexts, position_ids = contexts[:B], position_ids[:B]
+            kv_cache.select_rows(B)
+        halves = 2 if guided_scale else 1
+        given = prefix[si].to(device) if si < len(prefix) else None
+        keep = None if given is None or masks[si] is None else masks[si].to(device=device, dtype=torch.bool)
+        kept_whole = given is not None and (keep is None or bool(keep.all()))
+        is_final = si == num_scales - 1
+        steps = final_steps if is_final else [None]
+        idx = torch.empty(B, pn * pn, dtype=torch.long, device=device)
+        tokens = codebook.new_empty(B, pn * pn, codebook.shape[1])
+        if is_final:
+            residual_condition = None
+            residual_positions = [] if len(steps) > 1 or keep is not None else None  # None: all at once
+        for positions in steps:  # one step, or the MaskGIT iterations of the final scale
+            # every transformer computation is a forward call: offload hooks see it
+            logits, h = transformer(contexts, position_ids, scale_input, patch_nums, return_dict=False,
+                                    kv_cache=kv_cache, scale_index=si, positions=positions,
+                                    token_pruning=pruning.get(pn, 0.0))
+            step_given = None if given is None else _gather_rows(given, positions)
+            if kept_whole:
+                step_idx, step_tokens = step_given, codebook[step_given]
+            else:
+                t = ramp[si]
+                guided = (1 + t) * logits[:B] - t * logits[B:] if guided_scale else logits
+                k = default_top_k(si) if top_k is None else top_k
+                step_idx, step_tokens = sample_scale_tokens(guided, codebook, k, top_p, smooth, ratio, generator)
+                if step_given is not None:
+                    step_keep = _gather_rows(keep, positions)
+                    step_idx = torch.where(step_keep, step_given, step_idx)
+                    step_tokens = torch.where(step_keep[..., None], codebook[step_given], step_tokens)
+            if positions is None:
+                idx, tokens = step_idx, step_tokens
+            else:
+                idx.scatter_(1, positions.to(device), step_idx)
+                tokens.scatter_(1, positions.to(device)[..., None].expand_as(step_tokens), step_tokens)
+            if is_final:
+                (step_condition,) = transformer(None, position_ids, patch_nums=patch_nums, return_dict=False,
+                                                kv_cache=kv_cache, residual_tokens=codebook[step_idx].repeat(halves, 1, 1))
+                rows = None if positions is None else positions.to(device).repeat(2, 1)
+                if not guided_scale:  # unguided residual stage: the conditional rows twice, guidance 0
+                    step_condition = step_condition.repeat(2, 1, 1)
+                if rows is None:
+                    residual_condition = step_condition
+                else:
+                    if residual_condition is None:
+                        residual_condition = step_condition.new_empty(2 * B, pn * pn, step_condition.shape[-1])
+                    residual_condition.scatter_(1, rows[..., None].expand_as(step_condition), step_condition)
+                if residual_positions is not None:  # positions kept by a mask keep their residual
+                    sampled = torch.ones(B, pn * pn, dtype=torch.bool, device=device)
+                    if positions is not None:
+                        sampled = torch.zeros_like(sampled).scatter(1, positions.to(device), True)
+                    residual_positions.append(sampled if keep is None else sampled & ~keep)
         indices.append(idx)
         tokens = tokens.transpose(1, 2).reshape(B, -1, pn, pn)
         f_hat = quantizer.add_scale(f_hat, tokens, si, patch_nums)
         if callback is not None:
             callback(si, num_scales, f_hat)
-        if si < num_scales - 1:
+        if not is_final:
             scale_input = quantizer.next_scale_input(f_hat, patch_nums[si + 1])
-    (residual_condition,) = transformer(None, position_ids, patch_nums=patch_nums, return_dict=False, kv_cache=kv_cache,
-                                        residual_tokens=codebook[idx].repeat(2, 1, 1))
-    return HARTTokens(indices=indices, latent=f_hat, residual_condition=residual_condition, residual_guidance=ramp[-1])
+    return HARTTokens(indices=indices, latent=f_hat, residual_condition=residual_condition,
+                      residual_guidance=ramp[-1] if stop >= num_scales else 0.0, residual_positions=residual_positions)
+
+
+def kept_scales(strength: float, num_scales: int) -> int:
+    """Scales an edit keeps from the image: the last ``int(strength * SN)`` are re-sampled (diffusers' rule
+    for img2img steps), so 0 keeps everything (the image's reconstruction) and 1 nothing (text-to-image)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(f"`strength` must be a number in [0, 1] (0 = the image itself, 1 = text-to-image); got {strength!r}.")
+    return num_scales - min(int(strength * num_scales), num_scales)
+
+
+def repaint_maps(mask: torch.Tensor, patch_nums: Sequence[int]) -> List[torch.Tensor]:
+    """A pixel mask (B, 1, H, W) in [0, 1] (1 = repaint) -> per-scale boolean token maps (B, pn^2).
+
+    The mask is area-resized to every scale's grid. A token is repainted when more than half of it is masked,
+    and at the final scale when any of it is: every masked pixel is repainted, while coarse tokens half or
+    more outside the mask stay the image's (later scales are residuals on top of them, so a re-sampled coarse
+    token shifts the colours of the kept tokens it covers).
+    """
+    maps = []
+    for si, pn in enumerate(patch_nums):
+        coverage = F.interpolate(mask.float(), size=(pn, pn), mode="area").flatten(1)  # (B, pn^2)
+        maps.append(coverage > 0 if si == len(patch_nums) - 1 else coverage > 0.5)
+    return maps
+
+
+def edit_tokens(
+    transformer: HARTTransformer,
+    tokenizer: HARTHybridTokenizer,
+    image_tokens: HARTTokens,
+    context: torch.Tensor,
+    context_position_ids: torch.Tensor,
+    strength: float = 1.0,
+    repaint_mask: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> HARTTokens:
+    """The AR stage of an edit: the image's tokens teacher-forced where kept, sampled elsewhere.
+
+    Args:
+        image_tokens: the image's hybrid tokens (:func:`encode_images`), batch 1 or B; their schedule is used.
+        strength: the last ``int(strength * SN)`` scales are re-sampled (see :func:`kept_scales`).
+        repaint_mask: (B or 1, 1, H, W) pixel mask, 1 = repaint (inpainting); outside it every scale keeps
+            the image's tokens. None = the whole image (variations / image-to-image).
+        kwargs: the other arguments of :func:`generate_tokens` (guidance, generator, MaskGIT, ...).
+    Returns:
+        :class:`HARTTokens` whose ``residual`` is the image's; :func:`add_residual` re-samples it only where
+        the final scale was sampled. When nothing is re-sampled these are the image's own tokens (nothing is
+        computed; ``residual_positions`` is empty).
+    """
+    B = context.shape[0]
+    indices = list(image_tokens.indices)
+    patch_nums = tokenizer.patch_nums_from_indices(indices)
+    if indices[0].shape[0] not in (1, B):
+        raise ValueError(f"The image has batch {indices[0].shape[0]}; it must be 1 or the number of images ({B}).")
+    indices = [idx.expand(B, -1) for idx in indices]
+    residual = image_tokens.residual.expand(B, -1, -1, -1) if image_tokens.residual is not None else None
+    num_kept = kept_scales(strength, len(patch_nums))
+    if repaint_mask is None:
+        masks = [None] * num_kept + [torch.zeros_like(idx, dtype=torch.bool) for idx in indices[num_kept:]]
+    else:
+        if repaint_mask.shape[0] not in (1, B):
+            raise ValueError(f"The mask has batch {repaint_mask.shape[0]}; it must be 1 or the number of images ({B}).")
+        repaint = repaint_maps(repaint_mask.expand(B, -1, -1, -1), patch_nums)
+        masks = [None] * num_kept + [~r.to(idx.device) for r, idx in zip(repaint[num_kept:], indices[num_kept:])]
+    if all(m is None or bool(m.all()) for m in masks):
+        latent = tokenizer.quantizer.indices_to_latent(indices, patch_nums)
+        return HARTTokens(indices=indices, latent=latent, residual=residual, residual_positions=[])
+    tokens = generate_tokens(transformer, tokenizer, context, context_position_ids, patch_nums=patch_nums,
+                             prefix_indices=indices, prefix_masks=masks, **kwargs)
+    return HARTTokens(indices=tokens.indices, latent=tokens.latent, residual=residual,
+                      residual_condition=tokens.residual_condition, residual_guidance=tokens.residual_guidance,
+                      residual_positions=tokens.residual_positions)
 
 
 def guided_head_output(head: HARTResidualHead, x: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor,
@@ -198,6 +405,8 @@ def guided_head_output(head: HARTResidualHead, x: torch.Tensor, timestep: torch.
     The head runs on ``[x; x]``; eps is mixed as ``(1 + g) eps_c - g eps_u``; v stays the conditional one.
     """
     N, channels = x.shape
+    if guidance_scale == 0:  # (1 + 0) eps_c - 0 eps_u = eps_c: the unconditional rows are not needed
+        return head(x.to(head.dtype), timestep[:N], condition[:N].to(head.dtype)).float()
     out = head(torch.cat([x, x]).to(head.dtype), timestep, condition.to(head.dtype)).float()
     eps = (1 + guidance_scale) * out[:N, :channels] - guidance_scale * out[N:, :channels]
     return torch.cat([eps, out[:N, channels:]], dim=-1)
@@ -261,25 +470,43 @@ def add_residual(
 ) -> HARTTokens:
     """Fill in the continuous residual of AR-stage tokens (guidance defaults to the final scale's).
 
-    ``callback``: as in :func:`sample_residual`, with the sample as a map (B, Cv, h, w).
+    With ``tokens.residual_positions`` the groups are sampled one after the other (the official MaskGIT
+    order of draws) and every other position keeps ``tokens.residual``. ``callback``: as in
+    :func:`sample_residual`, step ``group * num_inference_steps + i``, with the residual as a map
+    (B, Cv, h, w) in the head's units (a returned map replaces the group's positions).
     """
+    if tokens.residual_positions == []:
+        return tokens  # nothing to re-sample (an edit that kept every token)
     if tokens.residual_condition is None:
         raise ValueError("These tokens carry no residual condition; they must come from generate_tokens().")
     B, Cv, h, w = tokens.latent.shape
     g = tokens.residual_guidance if guidance_scale is None else guidance_scale
+    condition = tokens.residual_condition  # (2B, h*w, C)
+    groups = tokens.residual_positions
+    if groups is None:
+        groups = [torch.ones(B, h * w, dtype=torch.bool, device=condition.device)]
+    if tokens.residual is None:
+        residual = tokens.latent.new_zeros(B, h * w, Cv)
+    else:
+        residual = tokens.residual.flatten(2).transpose(1, 2).clone()  # (B, h*w, Cv)
+    scale = head.config.residual_scale
+    groups = [m.to(residual.device) for m in groups if m.any()]
+    for gi, group in enumerate(groups):
+        rows = torch.cat([condition[:B][group], condition[B:][group]])  # [cond; uncond], row-major (b, position)
 
-    def to_map(x: torch.Tensor) -> torch.Tensor:  # (B * h * w, Cv) -> (B, Cv, h, w)
-        return x.view(B, h * w, Cv).transpose(1, 2).reshape(B, Cv, h, w)
+        def on_step(i: int, t: int, x: torch.Tensor, gi: int = gi, group: torch.Tensor = group) -> Optional[torch.Tensor]:
+            current = residual / scale  # (B, h*w, Cv) in the head's units, this group's sample written in
+            current[group] = x.to(current.dtype)
+            replaced = callback(gi * num_inference_steps + i, t, current.transpose(1, 2).reshape(B, Cv, h, w))
+            return None if replaced is None else replaced.reshape(B, Cv, h * w).transpose(1, 2)[group].to(x.dtype)
 
-    def on_step(i: int, t: int, x: torch.Tensor) -> Optional[torch.Tensor]:
-        replaced = callback(i, t, to_map(x))
-        return None if replaced is None else replaced.reshape(B, Cv, h * w).transpose(1, 2).reshape(-1, Cv)
-
-    res = sample_residual(head, scheduler, tokens.residual_condition.flatten(0, 1), g, num_inference_steps,
-                          generator, callback=None if callback is None else on_step)
-    residual = to_map(res).to(tokens.latent.dtype)
+        res = sample_residual(head, scheduler, rows, g, num_inference_steps, generator,
+                              callback=None if callback is None else on_step)
+        residual[group] = res.to(residual.dtype)
+    residual = residual.transpose(1, 2).reshape(B, Cv, h, w)
     return HARTTokens(indices=tokens.indices, latent=tokens.latent, residual=residual,
-                      residual_condition=tokens.residual_condition, residual_guidance=g)
+                      residual_condition=tokens.residual_condition, residual_guidance=g,
+                      residual_positions=tokens.residual_positions)
 
 
 @torch.no_grad()

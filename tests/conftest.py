@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -62,6 +63,15 @@ def teacher_forced_hidden_states(transformer, vae, context, position_ids, indice
     last-block hidden states of each scale, as ``forward_scale`` produced them."""
     from hart_pipeline import generate_tokens
 
+    with recorded_hidden_states(transformer) as hidden:
+        tokens = generate_tokens(transformer, vae, context, position_ids, patch_nums=patch_nums,
+                                 guidance_scale=guidance_scale, smooth=False, prefix_indices=indices)
+    return tokens, hidden
+
+
+@contextlib.contextmanager
+def recorded_hidden_states(transformer):
+    """Within the block, every ``forward_scale`` output of ``transformer`` is appended to the yielded list."""
     hidden = []
     original = transformer.forward_scale
 
@@ -71,11 +81,9 @@ def teacher_forced_hidden_states(transformer, vae, context, position_ids, indice
 
     transformer.forward_scale = record
     try:
-        tokens = generate_tokens(transformer, vae, context, position_ids, patch_nums=patch_nums,
-                                 guidance_scale=guidance_scale, smooth=False, prefix_indices=indices)
+        yield hidden
     finally:
         del transformer.forward_scale
-    return tokens, hidden
 
 
 def text_condition(batch: int = 2, tokens: int = 8, dim: int = 32, seed: int = 0):

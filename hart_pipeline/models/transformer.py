@@ -48,6 +48,8 @@ class KVCache:
         self.modulation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the head's AdaLN of the condition
         self.level_embeddings: Optional[torch.Tensor] = None  # (num_scales, C)
         self.hidden_states: Optional[torch.Tensor] = None  # last-block output of the latest scale
+        # (input, output) of the latest whole scale's blocks: FastVAR's cache for pruned tokens
+        self.previous: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def batch_size(self) -> int:
@@ -64,6 +66,12 @@ class KVCache:
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
+
+    def select_rows(self, num_rows: int) -> None:
+        """Keep only the first ``num_rows`` batch rows (e.g. drop the CFG unconditional half)."""
+        self.keys, self.values = self.keys[:, :num_rows], self.values[:, :num_rows]
+        if self.modulation is not None:
+            self.modulation = tuple(m[:num_rows] for m in self.modulation)
 
 
 class HARTAttnProcessor:
@@ -308,13 +316,16 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
                        self.dtype, device or self.device)
 
     def forward_scale(self, x: torch.Tensor, scale_index: int, patch_nums: Sequence[int],
-                      context_position_ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+                      context_position_ids: torch.Tensor, kv_cache: KVCache,
+                      positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Incremental forward of one scale against the KV cache.
 
         Args:
             x: (N, l, C) embedded tokens: the condition tokens (+ level 0) for ``scale_index == 0``,
                 else :meth:`embed_scale` of that scale's input.
             context_position_ids: (N, T) text position ids (zeros for the CFG null rows).
+            positions: (N, l) row-major indices of the given tokens within the scale when x holds only
+                part of it (the MaskGIT final stage); None = the whole scale in order.
         Returns:
             (N, l, C) last-block hidden states.
         """
@@ -322,6 +333,9 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
             cos, sin = self.text_rope(context_position_ids)
         else:
             cos, sin = self.image_rope(patch_nums, [scale_index], context_position_ids)
+            if positions is not None:
+                index = positions.to(self.device)[..., None].expand(-1, -1, cos.shape[-1])
+                cos, sin = cos.gather(1, index), sin.gather(1, index)
         return self.run_blocks(x, cos, sin, kv_cache)
 
     def forward(
@@ -335,6 +349,8 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
         kv_cache: Optional[KVCache] = None,
         scale_index: int = 0,
         residual_tokens: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        token_pruning: float = 0.0,
     ):
         """Teacher-forced forward over all scales at once, or (with ``kv_cache``) one step of sampling.
 
@@ -356,6 +372,13 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
             kv_cache: the generation state from :meth:`new_kv_cache`: run scale ``scale_index`` only.
             residual_tokens: with a KV cache, (N, pn^2, Cv) codebook vectors of the tokens chosen at the
                 last scale run: return the residual head's condition instead of running a scale.
+            positions: with a KV cache, (N / k, n) ascending row-major positions: run only these tokens of
+                the scale (the MaskGIT final stage); they attend to the cache, earlier groups included.
+            token_pruning: with a KV cache, the fraction of the scale's tokens that skip the blocks (opt-in
+                FastVAR-style cached token pruning, Guo et al. 2025, arXiv 2503.23367): the pivotal tokens,
+                those whose input is farthest from the scale's mean input, run; a pruned token gets its input
+                plus what the blocks added at the previous scale, area-resized (cached token restoration), and
+                adds no key to the cache. 0 (default) runs every token.
         Returns:
             :class:`HARTTransformerOutput` with logits (B, sum(pn^2), V) and hidden states (with
             ``kept_positions`` the final scale has only the k kept entries, in that order; with a KV
@@ -365,7 +388,8 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
             if residual_tokens is not None:
                 condition = self.residual_condition(kv_cache.hidden_states, residual_tokens)
                 return HARTTransformerOutput(residual_condition=condition) if return_dict else (condition,)
-            logits, h = self._forward_cached(context, context_position_ids, scale_inputs, patch_nums, kv_cache, scale_index)
+            logits, h = self._forward_cached(context, context_position_ids, scale_inputs, patch_nums, kv_cache, scale_index,
+                                             positions, token_pruning)
             return HARTTransformerOutput(logits=logits, hidden_states=h) if return_dict else (logits, h)
         patch_nums = tuple(patch_nums or self.config.patch_nums)
         num_image = sum(pn * pn for pn in patch_nums)
@@ -401,8 +425,10 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
 
     def _forward_cached(self, context: Optional[torch.Tensor], context_position_ids: torch.Tensor,
                         scale_input: Optional[torch.Tensor], patch_nums: Optional[Sequence[int]], kv_cache: KVCache,
-                        scale_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One scale of sampling against the KV cache: logits (N, l, V) and hidden states (N, l, C)."""
+                        scale_index: int, positions: Optional[torch.Tensor] = None,
+                        token_pruning: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One scale (or the ``positions`` of one) of sampling against the KV cache: logits (N, l, V) and
+        hidden states (N, l, C)."""
         patch_nums = tuple(patch_nums or self.config.patch_nums)
         if scale_index == 0:
             condition = self.embed_context(context)  # (N, T, C)
@@ -412,11 +438,35 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
         else:
             x = self.embed_scale(scale_input, kv_cache.level_embeddings[scale_index])
             x = x.repeat(kv_cache.batch_size // x.shape[0], 1, 1)
-        h = self.forward_scale(x, scale_index, patch_nums, context_position_ids, kv_cache)
+        if positions is not None:
+            positions = positions.to(x.device).repeat(x.shape[0] // positions.shape[0], 1)  # (N, n)
+            x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+            h = self.forward_scale(x, scale_index, patch_nums, context_position_ids, kv_cache, positions=positions)
+        elif token_pruning > 0:
+            h = self._forward_pruned(x, scale_index, patch_nums, context_position_ids, kv_cache, token_pruning)
+        else:
+            h = self.forward_scale(x, scale_index, patch_nums, context_position_ids, kv_cache)
+        if positions is None:
+            kv_cache.previous = (x, h)
         if scale_index == 0:
             h = h[:, -1:]  # the 1x1 token is predicted from the last text position
         kv_cache.hidden_states = h
         return self.logits(h, kv_cache.modulation), h
+
+    def _forward_pruned(self, x: torch.Tensor, scale_index: int, patch_nums: Sequence[int],
+                        context_position_ids: torch.Tensor, kv_cache: KVCache, prune_ratio: float) -> torch.Tensor:
+        """FastVAR-style cached token pruning of one scale (see ``token_pruning`` in :meth:`forward`)."""
+        N, L, C = x.shape
+        prev_in, prev_out = (p[:N] for p in kv_cache.previous)  # (the unconditional rows may have been dropped since)
+        pn, prev_pn = patch_nums[scale_index], math.isqrt(prev_in.shape[1])
+        num_kept = max(1, L - int(L * prune_ratio))
+        score = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(-1)  # (N, L); both CFG halves share their inputs
+        kept = score.topk(num_kept, dim=1).indices.sort(dim=1).values  # (N, num_kept)
+        h_kept = self.forward_scale(x.gather(1, kept[..., None].expand(-1, -1, C)), scale_index, patch_nums,
+                                    context_position_ids, kv_cache, positions=kept)
+        delta = (prev_out - prev_in).transpose(1, 2).reshape(N, C, prev_pn, prev_pn)
+        delta = F.interpolate(delta.float(), size=(pn, pn), mode="area").to(x.dtype).flatten(2).transpose(1, 2)
+        return (x + delta).scatter(1, kept[..., None].expand(-1, -1, C), h_kept)
 
     def residual_condition(self, hidden_states: torch.Tensor, discrete_tokens: torch.Tensor) -> torch.Tensor:
         """Condition of the residual diffusion head: ``decoder_norm(h + word_embed(codebook[idx]))``.
