@@ -25,7 +25,7 @@ from .models.tokenizer import HARTHybridTokenizer
 from .models.transformer import HARTTransformer
 from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens
 from .scheduler import HARTResidualScheduler
-from .schedules import PATCH_NUMS
+from .schedules import supported_sizes
 
 # The official HART system prompt (hart/utils/constants.py); the released model saw it before every prompt.
 SYSTEM_PROMPT = (
@@ -187,9 +187,7 @@ class HARTPipeline(DiffusionPipeline):
     @property
     def supported_sizes(self) -> Dict[int, Tuple[int, ...]]:
         """Square image side -> patch schedule: the model's own schedule and the standard ones."""
-        factor = self.vae.downsample_factor
-        schedules = [tuple(self.transformer.config.patch_nums)] + [PATCH_NUMS[r] for r in sorted(PATCH_NUMS)]
-        return {pns[-1] * factor: pns for pns in schedules}
+        return supported_sizes(self.transformer.config.patch_nums, self.vae.downsample_factor)
 
     def patch_nums_for_size(self, height: int, width: int) -> Tuple[int, ...]:
         sizes = self.supported_sizes
