@@ -313,11 +313,11 @@ def generate(model: HARTModel, prompt: str, negative_prompt: str, seed: int, siz
 # ------------------------------------------------------------------------------------------------- the specs
 MODEL_IN = In("model", HART_MODEL, "The HART model from HART Loader.")
 SEED_TIP = "Random seed. The same seed gives the same image as HARTPipeline(generator=torch.Generator().manual_seed(seed))."
-SIZE_TIP = ("Square image side. The list holds every known model's sizes; the loaded model's are checked before sampling "
-            "(built-in model: 64 (its own), 128, 256, 512; released HART: 1024 (its own), 512, 256).")
+SIZE_TIP = ("Square image side. The list holds every known model's sizes; the loaded model's are checked before "
+            "sampling (built-in model: 64 (its own), 128, 256, 512; released HART: 1024 (its own), 512, 256).")
 PREVIEW_TIP = "Show the image forming scale by scale (a cheap latent-to-RGB preview on the node)."
-RESIDUAL_SEED_TIP = ("-1 (default) = continue the AR sampler's random stream: the chain then gives exactly the image of "
-                     "HARTPipeline with the AR seed, and re-running reproduces it. >= 0 = a fresh generator with this "
+RESIDUAL_SEED_TIP = ("-1 (default) = continue the AR sampler's random stream: the chain then gives exactly the image "
+                     "of HARTPipeline with the AR seed, and re-running reproduces it. >= 0 = a fresh generator with this "
                      "seed (other residual detail on the same tokens). Not randomized after each run.")
 GUIDANCE_TIP = ("Classifier-free guidance in HART's convention (1+g)*cond - g*uncond, ramped over the scales as "
                 "in the official code (official 4.5).")
@@ -327,8 +327,8 @@ NODE_SPECS: List[NodeSpec] = [
         "HARTLoader", "HART Loader",
         "Load a HART model: a folder in ComfyUI/models/hart (diffusers layout, or the official llm/ + tokenizer/ "
         "layout, converted in memory) or the built-in small default model.",
-        [In("model", "COMBO", "A folder in ComfyUI/models/hart, the small built-in model that ships with the pack, or a released model "
-            "by its Hub id (downloaded into models/hart and converted once, on first use).",
+        [In("model", "COMBO", "A folder in ComfyUI/models/hart, the small built-in model that ships with the pack, or a "
+            "released model by its Hub id (downloaded into models/hart and converted once, on first use).",
             default=BUILTIN_MODEL, options=model_options),
          In("text_encoder", "COMBO", "Text encoder folder (e.g. Qwen2-VL-1.5B-Instruct for the released model) in "
             "ComfyUI/models/hart; needed for official-layout folders and converted folders saved without one.",
@@ -389,8 +389,8 @@ NODE_SPECS: List[NodeSpec] = [
          In("guidance", "FLOAT", GUIDANCE_TIP, default=4.5, min=0.0, max=30.0, step=0.1),
          In("top_k", "INT", "Top-k sampling; -1 = the official schedule (600 for the first 7 scales, then 300); "
             "0 disables.", default=-1, min=-1, max=65536),
-         In("top_p", "FLOAT", "Nucleus sampling threshold in [0, 1); 0 disables (official).", default=0.0, min=0.0, max=0.99,
-            step=0.01),
+         In("top_p", "FLOAT", "Nucleus sampling threshold in [0, 1); 0 disables (official).", default=0.0, min=0.0,
+            max=0.99, step=0.01),
          In("smooth", "BOOLEAN", "The official Gumbel-softmax 'more smooth' soft tokens.", default=True),
          In("size", "COMBO", SIZE_TIP + " auto = the prefix's size when a prefix is connected, else the model's own.",
             default=AUTO_SIZE, options=size_options),
@@ -404,7 +404,8 @@ NODE_SPECS: List[NodeSpec] = [
          In("preview", "BOOLEAN", PREVIEW_TIP, default=True, optional=True)],
         [Out(HART_TOKENS, "tokens", "Discrete tokens, the residual head's condition and the generator state.")],
         ar_sample,
-        search_aliases=("hart ksampler", "hart sampler", "next-scale prediction", "autoregressive sampler", "var sampler"),
+        search_aliases=("hart ksampler", "hart sampler", "next-scale prediction", "autoregressive sampler",
+                        "var sampler"),
     ),
     NodeSpec(
         "HARTResidualDiffusion", "HART Residual Diffusion",

@@ -99,13 +99,18 @@ class ManagedModule(torch.nn.Module):
         self.device = device
 
 
+_MANAGED_CLASSES: dict = {}
+
+
 def model_patcher(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
     """A ``comfy.model_patcher.ModelPatcher`` for ``module``, or None outside ComfyUI."""
     mp = _module("comfy.model_patcher")
     if mp is None or not hasattr(mp, "ModelPatcher") or not hasattr(_mm(), "load_models_gpu"):
         return None
     current = next(module.parameters(), torch.empty(0)).device
-    return mp.ModelPatcher(ManagedModule(module, current), load_device=load_device, offload_device=offload_device)
+    name = type(module).__name__  # ComfyUI logs "Requested to load <class name>": name it after the component
+    cls = _MANAGED_CLASSES.setdefault(name, type(f"Managed{name}", (ManagedModule,), {}))
+    return mp.ModelPatcher(cls(module, current), load_device=load_device, offload_device=offload_device)
 
 
 def load_patchers(patchers: List) -> None:

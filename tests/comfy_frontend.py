@@ -7,8 +7,9 @@ definition from ``/object_info``, reduced to the rules the HART workflows depend
   say ``control_after_generate: true``, or when they do not say it at all and the input is named
   ``seed`` or ``noise_seed`` (``useIntWidget``: ``inputSpec.control_after_generate ?? ['seed',
   'noise_seed'].includes(inputSpec.name)``);
-* a saved workflow stores ``widgets_values`` in widget order, the control widgets included, and the
-  prompt sent to ``/prompt`` holds the widget values without the control widgets (``serialize: false``).
+* a combo with ``image_upload`` (LoadImage) gets an "upload" button widget after it;
+* a saved workflow stores ``widgets_values`` in widget order, the control and upload widgets included, and
+  the prompt sent to ``/prompt`` holds the widget values without them (``serialize: false``).
 """
 
 from typing import Dict, List, Tuple
@@ -16,6 +17,7 @@ from typing import Dict, List, Tuple
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 CONTROL = "control_after_generate"
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+UPLOAD = "upload"
 
 
 def ordered_inputs(node_info: dict) -> List[Tuple[str, tuple]]:
@@ -41,6 +43,11 @@ def has_control(name: str, spec: tuple) -> bool:
     return bool(options.get(CONTROL, name in ("seed", "noise_seed")))
 
 
+def combo_options(spec: tuple) -> list:
+    """A combo's choices: ``[[choices], {...}]`` (classic) or ``["COMBO", {"options": [...]}]`` (comfy_api)."""
+    return list(spec[0]) if isinstance(spec[0], list) else list(spec[1]["options"])
+
+
 def widget_names(node_info: dict) -> List[str]:
     """The widgets the frontend creates, in order (control widgets named ``control_after_generate``)."""
     names = []
@@ -49,6 +56,8 @@ def widget_names(node_info: dict) -> List[str]:
             names.append(name)
             if has_control(name, spec):
                 names.append(CONTROL)
+            if len(spec) > 1 and spec[1].get("image_upload"):
+                names.append(UPLOAD)
     return names
 
 
@@ -61,7 +70,7 @@ def prompt_inputs(node_info: dict, widgets_values: list) -> Dict[str, object]:
     names = widget_names(node_info)
     if len(names) != len(widgets_values):
         raise AssertionError(f"{len(widgets_values)} widget values for the widgets {names}")
-    return {n: v for n, v in zip(names, widgets_values) if n != CONTROL}
+    return {n: v for n, v in zip(names, widgets_values) if n not in (CONTROL, UPLOAD)}
 
 
 def ui_to_api(workflow: dict, object_info: Dict[str, dict]) -> Dict[str, dict]:

@@ -108,10 +108,7 @@ def object_info(node_id):
 
 
 def frontend_widgets(node_id):
-    names = F.widget_names(object_info(node_id))
-    if node_id == "LoadImage":  # the upload button is a widget with a saved value too
-        names.append("upload")
-    return names
+    return F.widget_names(object_info(node_id))
 
 
 def load_workflow(name):
@@ -170,12 +167,8 @@ def _check_widget(spec_input, value):
 @pytest.mark.parametrize("name", ["text_to_image", "reconstruction"])
 def test_ui_workflow_round_trips_to_the_api_copy(name):
     """The frontend's own widget mapping turns the saved UI workflow into exactly the API prompt in tests/."""
-    infos = {n["type"]: object_info(n["type"]) for n in load_workflow(name)["nodes"]}
-    infos["LoadImage"] = {"input": {"required": {"image": ["COMBO", {}]}}}  # its upload widget is not sent
     wf = load_workflow(name)
-    for node in wf["nodes"]:
-        if node["type"] == "LoadImage":
-            node["widgets_values"] = node["widgets_values"][:1]
+    infos = {n["type"]: object_info(n["type"]) for n in wf["nodes"]}
     with open(os.path.join(ROOT, "tests", "workflows", f"{name}_api.json")) as f:
         api = json.load(f)
     expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
@@ -367,8 +360,7 @@ def _v3_object_info(node_id):
     for i in schema.inputs:
         group = "optional" if i.optional else "required"
         options = {k: v for k, v in {"tooltip": i.tooltip, **i.kwargs}.items() if v is not None}
-        kind = options.pop("options") if "options" in options else i.io_type
-        info["input"].setdefault(group, {})[i.id] = [kind, options]
+        info["input"].setdefault(group, {})[i.id] = [i.io_type, options]
         info["input_order"].setdefault(group, []).append(i.id)
     return info
 
@@ -379,6 +371,7 @@ def test_seed_widgets_as_the_frontend_builds_them(registration):
     residual = info("HARTResidualDiffusion")
     assert F.widget_names(residual) == ["steps", "guidance", "seed", "preview"]  # no randomize widget
     assert residual["input"]["required"]["seed"][1]["default"] == -1
+    assert F.combo_options(info("HARTGenerate")["input"]["required"]["size"])[:3] == ["auto", "64", "128"]
     assert "continue the AR sampler" in residual["input"]["required"]["seed"][1]["tooltip"]
     for node_id in ("HARTARSampler", "HARTGenerate"):  # fresh seeds keep ComfyUI's usual control widget
         names = F.widget_names(info(node_id))
