@@ -325,8 +325,9 @@ GUIDANCE_TIP = ("Classifier-free guidance in HART's convention (1+g)*cond - g*un
 NODE_SPECS: List[NodeSpec] = [
     NodeSpec(
         "HARTLoader", "HART Loader",
-        "Load a HART model: a folder in ComfyUI/models/hart (diffusers layout, or the official llm/ + tokenizer/ "
-        "layout, converted in memory) or the built-in small default model.",
+        "Load a HART model: the built-in small default model, the released HART by its Hub id (downloaded and "
+        "converted once), or a folder in ComfyUI/models/hart (diffusers layout, or the official llm/ + tokenizer/ "
+        "layout, converted in memory).",
         [In("model", "COMBO", "A folder in ComfyUI/models/hart, the small built-in model that ships with the pack, or a "
             "released model by its Hub id (downloaded into models/hart and converted once, on first use).",
             default=BUILTIN_MODEL, options=model_options),

@@ -608,3 +608,27 @@ def test_components_go_through_comfy_model_management(pipe, monkeypatch):
             assert len(events) == 1 and len(mm.current_loaded_models) == 1
         mm.current_loaded_models.clear()
     assert isinstance(handle.patcher("vae").model, comfy_nodes.runtime.ManagedModule)
+
+
+# ------------------------------------------------------------------------------------------------ discoverability
+def test_manager_node_list_help_pages_aliases_and_registry_metadata():
+    import tomllib
+
+    with open(os.path.join(ROOT, "node_list.json")) as f:
+        listed = json.load(f)
+    assert listed == {s.node_id: s.description for s in N.NODE_SPECS}  # what ComfyUI-Manager's scanner reads
+    docs = os.path.join(comfy_nodes.WEB_DIRECTORY, "docs")
+    assert sorted(os.listdir(docs)) == sorted(f"{s.node_id}.md" for s in N.NODE_SPECS)
+    for spec in N.NODE_SPECS:
+        with open(os.path.join(docs, f"{spec.node_id}.md")) as f:
+            page = f.read()
+        assert page.startswith(f"# {spec.display_name}\n")
+        missing = [i.name for i in spec.inputs if f"**{i.name}**" not in page]
+        assert not missing, (spec.node_id, missing)  # every input is explained
+        assert spec.search_aliases and CLASSIC[spec.node_id].SEARCH_ALIASES == list(spec.search_aliases)
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    comfy = project["tool"]["comfy"]
+    assert comfy["Icon"].endswith("comfy_nodes/web/icon.svg") and os.path.isfile(os.path.join(ROOT, "comfy_nodes/web/icon.svg"))
+    assert comfy["requires-comfyui"].startswith(">=") and comfy["PublisherId"] and comfy["DisplayName"]
+    assert "Operating System :: OS Independent" in project["project"]["classifiers"]

@@ -165,7 +165,11 @@ def test_object_info_and_the_frontend_view_of_the_nodes(server):
     ar = F.widget_names(info["HARTARSampler"])
     assert ar[ar.index("seed") + 1] == F.CONTROL
     assert {"64", "128", "1024"} <= set(F.combo_options(info["HARTARSampler"]["input"]["required"]["size"]))
-    print(f"\n[comfyui] server up in {server.startup_s:.1f} s; {len(HART_NODES)} HART nodes in /object_info")
+    for node_id in HART_NODES:  # the help pages the frontend fetches for custom nodes
+        page = server.get(f"/extensions/hart_diffusers/docs/{node_id}.md").decode()
+        assert page.startswith("# HART")
+    print(f"\n[comfyui] server up in {server.startup_s:.1f} s; {len(HART_NODES)} HART nodes in /object_info, "
+          "help pages served")
 
 
 def test_text_to_image_workflow_with_previews(server):
