@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from hart_pipeline import HARTPipeline, HARTTokens
-from hart_pipeline.preview import LatentRGBProjection, fit_latent_rgb_projection
+from hart_pipeline.preview import preview_images
 
 from . import runtime
 
@@ -32,7 +32,6 @@ class HARTModel:
     offload: bool = False
 
     patchers: Dict[str, Any] = field(default_factory=dict, repr=False)
-    preview_projection: Optional[LatentRGBProjection] = field(default=None, repr=False)
 
     def patcher(self, component: str):
         """The component's ComfyUI ``ModelPatcher`` (made once), or None outside ComfyUI."""
@@ -68,10 +67,8 @@ class HARTModel:
                     runtime.soft_empty_cache()
 
     def preview(self, latent: torch.Tensor) -> torch.Tensor:
-        """Cheap RGB (B, 3, h, w) in [0, 1] of a latent, through a projection fitted once per model."""
-        if self.preview_projection is None:  # on whatever device the tokenizer is: no stage of its own
-            self.preview_projection = fit_latent_rgb_projection(self.pipe.vae)
-        return self.preview_projection(latent)
+        """A low-resolution decode (B, 3, h, w) in [0, 1] of a running latent (wherever the tokenizer is)."""
+        return preview_images(self.pipe.vae, latent)
 
     def __repr__(self) -> str:  # shown by ComfyUI in error messages
         return f"HARTModel({self.name!r}, device={self.device}, dtype={self.dtype})"

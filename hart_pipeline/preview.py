@@ -1,12 +1,10 @@
-"""Cheap previews of the coarse-to-fine build: a linear latent -> RGB map fitted once per tokenizer.
+"""Cheap previews of the coarse-to-fine build: the running latent decoded at a low resolution.
 
-Decoding the running latent after every scale would cost a full decoder pass per scale (14 at 1024px).
-Instead a per-channel linear map (Cv -> 3, plus a bias) is fitted by least squares to what the decoder
-makes of flat codebook patches: the same idea as the latent-to-RGB factors image models ship for their
-previews, but measured from the tokenizer itself, so it holds for any HART tokenizer.
+Decoding the full latent after every scale would cost a full-resolution decoder pass per scale (14 at
+1024px). The latent is average-pooled to at most ``max_latent_side`` first, so a preview costs one decoder
+pass at ``max_latent_side * downsample_factor`` pixels (256 px for the released model); latents that small
+already (the built-in 64px model) are decoded exactly, so the last preview is the discrete image itself.
 """
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,37 +12,11 @@ import torch.nn.functional as F
 from .models.tokenizer import HARTHybridTokenizer
 
 
-@dataclass
-class LatentRGBProjection:
-    """``rgb = latent^T weight + bias`` per latent position, in the decoder's [-1, 1] range."""
-
-    weight: torch.Tensor  # (Cv, 3) float32
-    bias: torch.Tensor  # (3,) float32
-
-    def __call__(self, latent: torch.Tensor) -> torch.Tensor:
-        """(B, Cv, h, w) latent -> (B, 3, h, w) images in [0, 1] at the latent resolution."""
-        rgb = torch.einsum("bchw,cd->bdhw", latent.float().cpu(), self.weight) + self.bias.view(1, 3, 1, 1)
-        return ((rgb + 1) / 2).clamp(0, 1)
-
-
 @torch.no_grad()
-def fit_latent_rgb_projection(tokenizer: HARTHybridTokenizer, num_maps: int = 4, cells: int = 4, cell_side: int = 4,
-                              seed: int = 0) -> LatentRGBProjection:
-    """Fit :class:`LatentRGBProjection` to decodes of random codebook patchworks.
-
-    ``num_maps`` latent maps of ``cells x cells`` flat patches (``cell_side`` latent pixels each, one random
-    codebook entry per patch) are decoded; each decoded image is average-pooled to the latent resolution
-    and regressed on the latent (least squares with a bias). Deterministic for a given ``seed``.
-    """
-    codebook = tokenizer.quantizer.embedding.weight.float()  # (V, Cv)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, codebook.shape[0], (num_maps, cells, cells), generator=g)
-    latent = codebook.cpu()[idx].permute(0, 3, 1, 2)  # (N, Cv, cells, cells)
-    latent = latent.repeat_interleave(cell_side, 2).repeat_interleave(cell_side, 3)  # (N, Cv, s, s)
-    images = tokenizer.decode_latent(latent.to(device=tokenizer.device, dtype=tokenizer.dtype)).float().cpu()
-    target = F.adaptive_avg_pool2d(images, latent.shape[-2:])  # (N, 3, s, s)
-    x = latent.permute(0, 2, 3, 1).reshape(-1, latent.shape[1])
-    x = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)  # (N s s, Cv + 1)
-    y = target.permute(0, 2, 3, 1).reshape(-1, 3)
-    solution = torch.linalg.lstsq(x.double(), y.double()).solution.float()  # (Cv + 1, 3)
-    return LatentRGBProjection(weight=solution[:-1].contiguous(), bias=solution[-1].contiguous())
+def preview_images(tokenizer: HARTHybridTokenizer, latent: torch.Tensor, max_latent_side: int = 16) -> torch.Tensor:
+    """(B, Cv, h, w) latent -> (B, 3, H', W') images in [0, 1], decoded from a latent of side <= ``max_latent_side``."""
+    if max(latent.shape[-2:]) > max_latent_side:
+        h, w = latent.shape[-2:]
+        scale = max_latent_side / max(h, w)
+        latent = F.adaptive_avg_pool2d(latent.float(), (max(1, round(h * scale)), max(1, round(w * scale))))
+    return (tokenizer.decode_latent(latent).float() + 1) / 2

@@ -444,36 +444,30 @@ def test_previews_after_every_scale_and_after_the_residual_stage(model, monkeypa
     ar, res = recorded.bars
     assert [c[0] for c in ar.calls] == [1, 2, 3, 4] and all(c[2] is not None for c in ar.calls)
     fmt, image, max_side = ar.calls[-1][2]
-    assert fmt == "JPEG" and max_side == 512 and image.size == (512, 512)  # 4x4 latent upscaled 128x
+    assert fmt == "JPEG" and max_side == 512 and image.size == (512, 512)  # the 64px decode upscaled 8x
     assert [c[2] is not None for c in res.calls] == [False] * 8 + [True]
-    final = model.preview(tokens.tokens.latent)
-    assert torch.equal(torch.tensor(np.array(image))[::128, ::128].permute(2, 0, 1).float(), (final[0] * 255).round())
-    N.ar_sample(model, pos, 0, 4.5, -1, 0.0, True, "auto", 1, 4, preview=False)
-    N.generate(model, PROMPT, "", 0, "auto", 8, 4.5, 1, preview=False)
-    assert all(c[2] is None for bar in recorded.bars[2:] for c in bar.calls) and len(recorded.bars[3].calls) == 4
+    discrete = N.tokenizer_decode(model, tokens, True)[0][0]  # the last scale's preview is the discrete image
+    torch.testing.assert_close(torch.tensor(np.array(image))[::8, ::8].float() / 255, discrete, atol=0.5 / 255, rtol=0)
     N.generate(model, PROMPT, "", 0, "auto", 8, 4.5, 1)
-    assert all(c[2] is not None for c in recorded.bars[4].calls)
+    assert [c[0] for c in recorded.bars[2].calls] == [1, 2, 3, 4] and all(c[2] is not None for c in recorded.bars[2].calls)
+    N.ar_sample(model, pos, 0, 4.5, -1, 0.0, True, "auto", 1, 4, preview=False)
+    N.residual_diffusion(model, tokens, 8, -1.0, -1, preview=False)
+    assert all(c[2] is None for bar in recorded.bars[3:] for c in bar.calls) and len(recorded.bars[3].calls) == 4
 
 
-def test_latent_rgb_projection_recovers_a_linear_decoder():
-    from hart_pipeline.preview import fit_latent_rgb_projection
+def test_preview_is_a_low_resolution_decode(model):
+    from hart_pipeline import HARTTokens, decode_tokens
+    from hart_pipeline.preview import preview_images
 
-    class LinearTokenizer(torch.nn.Module):  # decoder = 1x1 conv then 2x nearest upsampling: exactly linear
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.quantizer = types.SimpleNamespace(embedding=torch.nn.Embedding(64, 6))
-            self.conv = torch.nn.Conv2d(6, 3, 1)
-
-        device, dtype = torch.device("cpu"), torch.float32
-
-        def decode_latent(self, latent):
-            return self.conv(latent).repeat_interleave(2, -1).repeat_interleave(2, -2)
-
-    tok = LinearTokenizer()
-    projection = fit_latent_rgb_projection(tok)
-    torch.testing.assert_close(projection.weight, tok.conv.weight[:, :, 0, 0].T.detach(), atol=1e-4, rtol=0)
-    torch.testing.assert_close(projection.bias, tok.conv.bias.detach(), atol=1e-4, rtol=0)
+    vae = model.pipe.vae
+    latent = torch.randn(2, vae.config.latent_channels, 4, 4)
+    exact = decode_tokens(vae, HARTTokens(indices=[], latent=latent))
+    torch.testing.assert_close(preview_images(vae, latent), exact)  # small latents: the decoded image itself
+    big = torch.randn(1, vae.config.latent_channels, 8, 8)  # larger than max_latent_side: pooled first
+    pooled = torch.nn.functional.avg_pool2d(big, 4)
+    preview = preview_images(vae, big, max_latent_side=2)
+    torch.testing.assert_close(preview, decode_tokens(vae, HARTTokens(indices=[], latent=pooled)))
+    assert preview.shape == (1, 3, 32, 32)
 
 
 # ------------------------------------------------------------------------------------------------ validation
