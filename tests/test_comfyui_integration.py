@@ -46,13 +46,14 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, base: str):
+    def __init__(self, base: str, **env_extra: str):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         default_args = "" if torch.cuda.is_available() else "--cpu"
         args = shlex.split(os.environ.get("COMFYUI_ARGS", default_args))
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **env_extra}
         self.log = open(os.path.join(base, "server.log"), "w")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -91,15 +92,20 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _start(tmp_path_factory, **env_extra) -> Server:
     base = str(tmp_path_factory.mktemp("comfyui"))
     for folder in ("custom_nodes", "input", "output", "models", "user", "temp"):
         os.makedirs(os.path.join(base, folder), exist_ok=True)
     os.symlink(ROOT, os.path.join(base, "custom_nodes", "hart_diffusers"))
     shutil.copy(os.path.join(ROOT, "example_workflows", "hart_shapes.png"), os.path.join(base, "input"))
-    srv = Server(base)
+    srv = Server(base, **env_extra)
     srv.base = base
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = _start(tmp_path_factory)  # the comfy_api (io.ComfyNode) registration, the default
     yield srv
     srv.stop()
 
@@ -172,6 +178,17 @@ def test_object_info_and_the_frontend_view_of_the_nodes(server):
           "help pages served")
 
 
+def test_classic_registration_gives_the_frontend_the_same_widgets(server, tmp_path_factory):
+    classic = _start(tmp_path_factory, HART_COMFY_API="classic")
+    try:
+        for node_id in HART_NODES:
+            ours, theirs = server.get(f"/object_info/{node_id}")[node_id], classic.get(f"/object_info/{node_id}")[node_id]
+            assert F.widget_names(theirs) == F.widget_names(ours), node_id
+            assert F.socket_names(theirs) == F.socket_names(ours), node_id
+    finally:
+        classic.stop()
+
+
 def test_text_to_image_workflow_with_previews(server):
     prompt = _workflow_prompt(server, "text_to_image")
     first = asyncio.run(_run(server, prompt))
@@ -210,7 +227,7 @@ def test_reconstruction_workflow(server):
 def test_interrupt_and_node_errors(server):
     prompt = _workflow_prompt(server, "text_to_image")
     ar_node = next(k for k, v in prompt.items() if v["class_type"] == "HARTARSampler")
-    prompt[ar_node]["inputs"].update(size="512", batch_size=16, seed=2)  # long enough to interrupt mid-way
+    prompt[ar_node]["inputs"].update(size="512", batch_size=4, seed=2)  # 14 scales: long enough to interrupt mid-way
     events = asyncio.run(_run(server, prompt, interrupt_after_progress=2))
     assert events["status"] == "execution_interrupted"
     latency = events["ended"] - events["interrupt_sent"]
