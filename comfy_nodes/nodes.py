@@ -168,8 +168,8 @@ def load_model(model: str, text_encoder: str, dtype: str, device: str, offload: 
         else:
             pipe = HARTPipeline.from_pretrained(path, dtype=torch_dtype, **extra)
     offload_to = runtime.offload_device()
-    managed = runtime.model_patcher(torch.nn.Identity(), target, offload_to) is not None
-    pipe.to(offload_to if offload or managed else target)  # inside ComfyUI its model management loads them
+    # Inside ComfyUI its model management moves each component to the device when a stage needs it.
+    pipe.to(offload_to if offload or runtime.model_management_available() else target)
     return (HARTModel(pipe=pipe, name=model, device=target, offload_device=offload_to, dtype=torch_dtype,
                       offload=offload),)
 

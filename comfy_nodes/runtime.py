@@ -102,11 +102,17 @@ class ManagedModule(torch.nn.Module):
 _MANAGED_CLASSES: dict = {}
 
 
+def model_management_available() -> bool:
+    """True inside ComfyUI: its ``ModelPatcher`` and ``load_models_gpu`` can manage our components."""
+    mp = _module("comfy.model_patcher")
+    return mp is not None and hasattr(mp, "ModelPatcher") and hasattr(_mm(), "load_models_gpu")
+
+
 def model_patcher(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
     """A ``comfy.model_patcher.ModelPatcher`` for ``module``, or None outside ComfyUI."""
-    mp = _module("comfy.model_patcher")
-    if mp is None or not hasattr(mp, "ModelPatcher") or not hasattr(_mm(), "load_models_gpu"):
+    if not model_management_available():
         return None
+    mp = _module("comfy.model_patcher")
     current = next(module.parameters(), torch.empty(0)).device
     name = type(module).__name__  # ComfyUI logs "Requested to load <class name>": name it after the component
     cls = _MANAGED_CLASSES.setdefault(name, type(f"Managed{name}", (ManagedModule,), {}))
