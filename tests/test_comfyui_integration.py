@@ -247,3 +247,33 @@ def test_interrupt_and_node_errors(server):
     assert loads() == before + 1  # the tokenizer had been evicted by /free and is loaded again
     print(f"\n[comfyui] interrupt: stopped {latency:.2f} s after /interrupt; size error: "
           f"{error['message']['exception_message']!r}")
+
+
+def test_components_live_in_comfyui_model_management():
+    """In-process, with ComfyUI's own model management: a stage registers the HART components as loaded
+    models; making room for another model (``free_memory``, what ``load_models_gpu`` calls) evicts them, and
+    the next stage loads them again."""
+    sys.path.insert(0, COMFYUI)
+    try:
+        from comfy.cli_args import args
+
+        args.cpu = args.cpu or not torch.cuda.is_available()  # what --cpu does, before model management reads it
+        import comfy.model_management as mm
+
+        from comfy_nodes import nodes as N
+
+        (model,) = N.load_model(N.BUILTIN_MODEL, N.OWN_TEXT_ENCODER, "auto", "auto", False)
+        (positive,) = N.text_encode(model, "a green circle above a red square")
+        N.ar_sample(model, positive, 0, 4.5, -1, 0.0, True, "auto", 1, 4)
+
+        def ours():
+            return sorted(type(m.model.model).__name__ for m in mm.current_loaded_models
+                          if any(m.model is p for p in model.patchers.values()))
+
+        assert ours() == ["ManagedBertModel", "ManagedHARTHybridTokenizer", "ManagedHARTTransformer"]
+        mm.free_memory(1e30, model.device)  # another model needs all the room
+        assert ours() == []
+        N.ar_sample(model, positive, 0, 4.5, -1, 0.0, True, "auto", 1, 4)
+        assert ours() == ["ManagedHARTHybridTokenizer", "ManagedHARTTransformer"]
+    finally:
+        sys.path.remove(COMFYUI)
