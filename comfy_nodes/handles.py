@@ -67,8 +67,9 @@ class HARTModel:
                     runtime.soft_empty_cache()
 
     def preview(self, latent: torch.Tensor) -> torch.Tensor:
-        """A low-resolution decode (B, 3, h, w) in [0, 1] of a running latent (wherever the tokenizer is)."""
-        return preview_images(self.pipe.vae, latent)
+        """A low-resolution decode (1, 3, h, w) in [0, 1] of the first image's running latent (the one ComfyUI
+        shows), wherever the tokenizer is."""
+        return preview_images(self.pipe.vae, latent[:1])
 
     def __repr__(self) -> str:  # shown by ComfyUI in error messages
         return f"HARTModel({self.name!r}, device={self.device}, dtype={self.dtype})"

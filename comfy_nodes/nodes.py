@@ -112,9 +112,11 @@ def model_side(model: HARTModel, size: str, input_name: str = "size", auto: Opti
 
 def _preview_callback(model: HARTModel, progress: runtime.Progress, preview: Optional[bool]):
     """AR-loop callback: one progress step per scale, the running latent as the node's preview, Cancel."""
+    show = preview is not False and progress.shows_previews
+
     def callback(_si, _num_scales, f_hat):
-        progress.update(1, preview=model.preview(f_hat) if preview is not False else None)
-        runtime.check_interrupt()
+        runtime.check_interrupt()  # before the preview: a Cancel during the scale stops right here
+        progress.update(1, preview=model.preview(f_hat) if show else None)
     return callback
 
 
@@ -285,7 +287,7 @@ def residual_diffusion(model: HARTModel, tokens: HARTTokenHandle, steps: int, gu
         out = add_residual(tokens.tokens, pipe.residual_head, pipe.scheduler, num_inference_steps=steps,
                            guidance_scale=None if guidance < 0 else guidance, generator=generator,
                            callback=_stage_callback(progress))
-    if preview is not False:  # the finished latent (discrete + residual), shown once the steps are done
+    if preview is not False and progress.shows_previews:  # the finished latent (discrete + residual)
         progress.update(0, preview=model.preview(out.latent + out.residual))
     return (HARTTokenHandle(tokens=out, patch_nums=tokens.patch_nums, generator_state=None, seed=tokens.seed),)
 

@@ -68,6 +68,11 @@ class Progress:
         utils = _module("comfy.utils")
         self._bar = utils.ProgressBar(total) if utils is not None and hasattr(utils, "ProgressBar") else None
 
+    @property
+    def shows_previews(self) -> bool:
+        """Whether a preview passed to :meth:`update` is shown (only inside ComfyUI): skip making one otherwise."""
+        return self._bar is not None
+
     def update(self, n: int = 1, preview: Optional[torch.Tensor] = None) -> None:
         self.value += n
         if self._bar is not None:
