@@ -4,7 +4,8 @@ Registration: with ComfyUI's ``comfy_api.latest`` importable, the pack exposes `
 ``ComfyExtension`` of ``io.ComfyNode`` classes) and ``NODE_CLASS_MAPPINGS = None`` (ComfyUI's loader takes
 the classic mappings first when they are not None); otherwise the classic ``NODE_CLASS_MAPPINGS``.
 ``HART_COMFY_API=classic`` forces the classic registration. Both are built from the same specs
-(``nodes.NODE_SPECS``); ``CLASSIC_NODE_CLASS_MAPPINGS`` is always available.
+(``nodes.NODE_SPECS``); ``CLASSIC_NODE_CLASS_MAPPINGS`` is always available. The node ids are also listed in
+the repository's ``node_list.json``, which ComfyUI-Manager's scanner reads (the classes are built in code).
 """
 
 import os
@@ -23,6 +24,9 @@ from .registration import classic_mappings
 
 runtime.register_model_folder()
 
+# Served by ComfyUI under /extensions/<pack>/: docs/<node id>.md are the nodes' help pages in the frontend.
+WEB_DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+
 CLASSIC_NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = classic_mappings()
 NODE_CLASS_MAPPINGS = CLASSIC_NODE_CLASS_MAPPINGS
 API = "classic"
@@ -37,6 +41,6 @@ if os.environ.get("HART_COMFY_API", "").lower() != "classic":
     except ImportError:
         pass
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "CLASSIC_NODE_CLASS_MAPPINGS", "NODE_SPECS",
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "CLASSIC_NODE_CLASS_MAPPINGS", "NODE_SPECS",
            "SPECS_BY_ID", "HART_MODEL", "HART_CONDITIONING", "HART_TOKENS", "HARTModel", "HARTConditioning",
            "HARTTokenHandle", "API"] + (["comfy_entrypoint"] if API != "classic" else [])

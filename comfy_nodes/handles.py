@@ -2,11 +2,12 @@
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from hart_pipeline import HARTPipeline, HARTTokens
+from hart_pipeline.preview import preview_images
 
 from . import runtime
 
@@ -19,8 +20,8 @@ HART_TOKENS = "HART_TOKENS"
 class HARTModel:
     """HART_MODEL: a loaded :class:`HARTPipeline` and where its stages run.
 
-    With ``offload`` every stage moves only the components it needs to ``device`` and puts them back on
-    ``offload_device`` (ComfyUI's ``unet_offload_device``) afterwards; otherwise all stay on ``device``.
+    Every stage loads only the components it needs to ``device``; with ``offload`` it puts them back on
+    ``offload_device`` (ComfyUI's ``unet_offload_device``) right after the stage.
     """
 
     pipe: HARTPipeline
@@ -30,18 +31,45 @@ class HARTModel:
     dtype: torch.dtype
     offload: bool = False
 
+    patchers: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def patcher(self, component: str):
+        """The component's ComfyUI ``ModelPatcher`` (made once), or None outside ComfyUI."""
+        if component not in self.patchers:
+            module = getattr(self.pipe, component)
+            self.patchers[component] = runtime.model_patcher(module, self.device, self.offload_device)
+        return self.patchers[component]
+
     @contextlib.contextmanager
     def stage(self, *components: str):
-        modules = [getattr(self.pipe, c) for c in components if getattr(self.pipe, c, None) is not None]
-        for m in modules:
-            m.to(self.device)
+        """Put ``components`` on ``device`` for one stage.
+
+        Inside ComfyUI they go through its model management (``load_models_gpu``), which evicts other
+        models to make room and evicts these when others need it; elsewhere they are moved directly.
+        """
+        names = [c for c in components if getattr(self.pipe, c, None) is not None]
+        patchers = [self.patcher(c) for c in names]
+        if patchers and all(p is not None for p in patchers):
+            runtime.load_patchers(patchers)
+        else:
+            patchers = []
+            for c in names:
+                getattr(self.pipe, c).to(self.device)
         try:
             yield self.pipe
         finally:
             if self.offload and self.offload_device != self.device:
-                for m in modules:
-                    m.to(self.offload_device)
-                runtime.soft_empty_cache()
+                if patchers:
+                    runtime.unload_patchers(patchers)
+                else:
+                    for c in names:
+                        getattr(self.pipe, c).to(self.offload_device)
+                    runtime.soft_empty_cache()
+
+    def preview(self, latent: torch.Tensor) -> torch.Tensor:
+        """A low-resolution decode (1, 3, h, w) in [0, 1] of the first image's running latent (the one ComfyUI
+        shows), wherever the tokenizer is."""
+        return preview_images(self.pipe.vae, latent[:1])
 
     def __repr__(self) -> str:  # shown by ComfyUI in error messages
         return f"HARTModel({self.name!r}, device={self.device}, dtype={self.dtype})"

@@ -13,18 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from hart_pipeline import HARTPipeline, add_residual, decode_tokens, edit_tokens, encode_images, generate_tokens
+from hart_pipeline.schedules import PATCH_NUMS, supported_sizes
 
 from . import runtime
 from .handles import HART_CONDITIONING, HART_MODEL, HART_TOKENS, HARTConditioning, HARTModel, HARTTokenHandle
+from .validation import MAX_SEED, check_image, check_indices, check_number, check_seed, check_size
 
 CATEGORY = "HART"
 BUILTIN_MODEL = "built-in default model"
 OWN_TEXT_ENCODER = "from the model folder"
 AUTO_SIZE = "auto"
-STANDARD_SIZES = ["1024", "512", "256"]
+DOWNSAMPLE_FACTORS = (8, 16)  # the built-in tokenizer's and the released one's
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ["auto", "cpu", "cuda"]
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
 # ------------------------------------------------------------------------------------------------- specs
@@ -42,7 +43,9 @@ class In:
     options: Union[None, Sequence[str], Callable[[], List[str]]] = None
     multiline: bool = False
     optional: bool = False
-    control_after_generate: bool = False
+    # The frontend adds a "control after generate" widget (default: randomize) to every INT input named
+    # seed unless the schema says otherwise: True/False is always written into the schema.
+    control_after_generate: Optional[bool] = None
 
     WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
@@ -70,7 +73,7 @@ class NodeSpec:
     outputs: List[Out]
     function: Callable[..., tuple]
     category: str = CATEGORY
-    extra: dict = field(default_factory=dict)
+    search_aliases: Sequence[str] = ()
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -84,8 +87,37 @@ def _to_image(images: torch.Tensor) -> torch.Tensor:
     return images.float().clamp(0, 1).permute(0, 2, 3, 1).contiguous().cpu()
 
 
-def _size_options() -> List[str]:
-    return [AUTO_SIZE] + STANDARD_SIZES
+def size_options() -> List[str]:
+    """The combo's sizes: every size of every known model (the list is fixed when ComfyUI reads the node
+    definitions, before a model is loaded); the nodes check the choice against the loaded model."""
+    from hart_pipeline.default_model import DEFAULT_MODEL_DIR
+
+    sizes = {pns[-1] * f for pns in PATCH_NUMS.values() for f in DOWNSAMPLE_FACTORS}
+    for folder in [str(DEFAULT_MODEL_DIR)] + [runtime.resolve_folder(n) for n in runtime.list_folders(("diffusers",))]:
+        sizes.update(runtime.folder_sizes(folder))
+    return [AUTO_SIZE] + [str(s) for s in sorted(sizes)]
+
+
+def model_side(model: HARTModel, size: str, input_name: str = "size", auto: Optional[int] = None) -> int:
+    """The image side for a size choice, checked against the loaded model before any work is done."""
+    pipe = model.pipe
+    if size == AUTO_SIZE:
+        return auto if auto is not None else pipe.default_size
+    try:
+        side = int(size)
+    except (TypeError, ValueError):
+        side = size
+    return check_size(input_name, side, pipe.supported_sizes, pipe.default_size, model.name, extra=[AUTO_SIZE])
+
+
+def _preview_callback(model: HARTModel, progress: runtime.Progress, preview: Optional[bool]):
+    """AR-loop callback: one progress step per scale, the running latent as the node's preview, Cancel."""
+    show = preview is not False and progress.shows_previews
+
+    def callback(_si, _num_scales, f_hat):
+        runtime.check_interrupt()  # before the preview: a Cancel during the scale stops right here
+        progress.update(1, preview=model.preview(f_hat) if show else None)
+    return callback
 
 
 def _stage_callback(progress: runtime.Progress):
@@ -97,7 +129,7 @@ def _stage_callback(progress: runtime.Progress):
 
 # ------------------------------------------------------------------------------------------------- loader
 def model_options() -> List[str]:
-    return [BUILTIN_MODEL] + runtime.list_folders(("diffusers", "official"))
+    return [BUILTIN_MODEL] + list(runtime.RELEASED_MODELS) + runtime.list_folders(("diffusers", "official"))
 
 
 def text_encoder_options() -> List[str]:
@@ -105,6 +137,10 @@ def text_encoder_options() -> List[str]:
 
 
 def load_model(model: str, text_encoder: str, dtype: str, device: str, offload: bool) -> Tuple[HARTModel]:
+    if dtype not in DTYPES:
+        raise ValueError(f"`dtype` must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+    if device not in DEVICES:
+        raise ValueError(f"`device` must be one of {', '.join(DEVICES)}; got {device!r}.")
     target = runtime.torch_device() if device == "auto" else torch.device(device)
     torch_dtype = DTYPES[dtype]
     if torch_dtype is None:
@@ -119,11 +155,11 @@ def load_model(model: str, text_encoder: str, dtype: str, device: str, offload: 
     if model == BUILTIN_MODEL:
         from hart_pipeline.default_model import load_default_pipeline
 
-        pipe = load_default_pipeline(torch_dtype=torch_dtype)
+        pipe = load_default_pipeline(torch_dtype)
         if extra:
             pipe.register_modules(**extra)
     else:
-        path = runtime.resolve_folder(model)
+        path = runtime.download_released(model) if model in runtime.RELEASED_MODELS else runtime.resolve_folder(model)
         if runtime.model_kind(path) == "official":
             from hart_pipeline.convert import convert_official
 
@@ -132,9 +168,10 @@ def load_model(model: str, text_encoder: str, dtype: str, device: str, offload: 
                                 vae=parts.vae, transformer=parts.transformer, residual_head=parts.residual_head,
                                 scheduler=parts.scheduler, use_system_prompt=True).to(dtype=torch_dtype)
         else:
-            pipe = HARTPipeline.from_pretrained(path, torch_dtype=torch_dtype, **extra)
+            pipe = HARTPipeline.from_pretrained(path, dtype=torch_dtype, **extra)
     offload_to = runtime.offload_device()
-    pipe.to(offload_to if offload else target)
+    # Inside ComfyUI its model management moves each component to the device when a stage needs it.
+    pipe.to(offload_to if offload or runtime.model_management_available() else target)
     return (HARTModel(pipe=pipe, name=model, device=target, offload_device=offload_to, dtype=torch_dtype,
                       offload=offload),)
 
@@ -152,11 +189,8 @@ def empty_conditioning() -> Tuple[HARTConditioning]:
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
-def _square(images: torch.Tensor, resize: str, default_size: int) -> torch.Tensor:
-    """(B, C, H, W) in [0, 1] -> centre-cropped to a square and resized (``resize``: "none", auto or a side)."""
-    if resize == "none":
-        return images
-    side = default_size if resize == AUTO_SIZE else int(resize)
+def _square(images: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] -> centre-cropped to a square and resized to ``side``."""
     h, w = images.shape[-2:]
     crop = min(h, w)
     top, left = (h - crop) // 2, (w - crop) // 2
@@ -168,19 +202,36 @@ def _square(images: torch.Tensor, resize: str, default_size: int) -> torch.Tenso
 
 def tokenizer_encode(model: HARTModel, image: torch.Tensor, resize: str) -> Tuple[HARTTokenHandle]:
     pipe = model.pipe
-    images = _square(image[..., :3].permute(0, 3, 1, 2).float(), resize, pipe.default_size)  # (B, 3, H, W) in [0, 1]
+    images = check_image("image", image)[..., :3].permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 1]
+    if resize == "none":
+        h, w = images.shape[-2:]
+        if h != w:
+            raise ValueError(f"`image` is {w}x{h}; with resize = none it must be square: pick auto or a size.")
+        side = check_size("image side", h, pipe.supported_sizes, pipe.default_size, model.name)
+    else:
+        side = model_side(model, resize, "resize")
+        images = _square(images, side)
     with model.stage("vae") as pipe:
-        tokens = encode_images(pipe.vae, images)
+        tokens = encode_images(pipe.vae, images, pipe.patch_nums_for_size(side, side))
     return (HARTTokenHandle(tokens=tokens, patch_nums=pipe.vae.patch_nums_from_indices(tokens.indices)),)
 
 
 def tokenizer_decode(model: HARTModel, tokens: HARTTokenHandle, discrete_only: bool) -> Tuple[torch.Tensor]:
+    check_indices("tokens", tokens.tokens.indices, model.pipe.vae.config.vocab_size)
     with model.stage("vae") as pipe:
         images = decode_tokens(pipe.vae, tokens.tokens, discrete_only=discrete_only)
     return (_to_image(images),)
 
 
 # ------------------------------------------------------------------------------------------------- sampling
+def _check_maskgit(num_maskgit_iters: Optional[int]) -> int:
+    if num_maskgit_iters is None:
+        return 1
+    if isinstance(num_maskgit_iters, bool) or not isinstance(num_maskgit_iters, int) or num_maskgit_iters < 1:
+        raise ValueError(f"`num_maskgit_iters` must be an integer >= 1 (1 = official); got {num_maskgit_iters!r}.")
+    return num_maskgit_iters
+
+
 def _condition_rows(positive: HARTConditioning, negative: Optional[HARTConditioning], batch_size: int):
     """(context, position_ids, negative context or None, negative position ids or None), batch_size per prompt."""
     if positive.is_empty:
@@ -199,10 +250,15 @@ def _condition_rows(positive: HARTConditioning, negative: Optional[HARTCondition
 
 def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance: float, top_k: int, top_p: float,
               smooth: bool, size: str, batch_size: int, keep_scales: int,
-              negative: Optional[HARTConditioning] = None,
-              prefix: Optional[HARTTokenHandle] = None,
-              num_maskgit_iters: Optional[int] = None) -> Tuple[HARTTokenHandle]:
+              negative: Optional[HARTConditioning] = None, prefix: Optional[HARTTokenHandle] = None,
+              num_maskgit_iters: Optional[int] = None, preview: Optional[bool] = None) -> Tuple[HARTTokenHandle]:
     pipe = model.pipe
+    check_seed("seed", seed)
+    check_number("guidance", guidance, 0.0, 1000.0)
+    check_number("top_p", top_p, 0.0, 1.0, high_inclusive=False)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
+        raise ValueError(f"`top_k` must be -1 (the official schedule), 0 (off) or a positive integer; got {top_k!r}.")
+    num_maskgit_iters = _check_maskgit(num_maskgit_iters)
     context, position_ids, neg_context, neg_positions = _condition_rows(positive, negative, batch_size)
     B = context.shape[0]
     prefix_indices = None
@@ -210,10 +266,10 @@ def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance:
         prefix_indices = [i if i.shape[0] == B else i.expand(B, -1) for i in prefix.tokens.indices[:keep_scales]]
         if prefix.batch_size not in (1, B):
             raise ValueError(f"The prefix tokens hold {prefix.batch_size} images; the sampler makes {B}.")
-    if size == AUTO_SIZE:
-        side = prefix.patch_nums[-1] * pipe.vae.downsample_factor if prefix is not None else pipe.default_size
-    else:
-        side = int(size)
+    if prefix is not None:
+        check_indices("prefix", prefix.tokens.indices, pipe.vae.config.vocab_size)
+    auto = prefix.patch_nums[-1] * pipe.vae.downsample_factor if prefix is not None else None
+    side = model_side(model, size, auto=auto)
     patch_nums = pipe.patch_nums_for_size(side, side)
     generator = _generator(seed)
     progress = runtime.Progress(len(patch_nums))
@@ -223,16 +279,22 @@ def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance:
             pipe.transformer, pipe.vae, context.to(dev), position_ids.to(dev),
             None if neg_context is None else neg_context.to(dev), None if neg_positions is None else neg_positions.to(dev),
             patch_nums=patch_nums, guidance_scale=guidance, top_k=None if top_k < 0 else top_k, top_p=top_p,
-            smooth=smooth, generator=generator, prefix_indices=prefix_indices, num_maskgit_iters=num_maskgit_iters or 1,
-            callback=_stage_callback(progress),
+            smooth=smooth, generator=generator, prefix_indices=prefix_indices, num_maskgit_iters=num_maskgit_iters,
+            callback=_preview_callback(model, progress, preview),
         )
     return (HARTTokenHandle(tokens=tokens, patch_nums=tuple(patch_nums), generator_state=generator.get_state(),
                             seed=seed),)
 
 
-def residual_diffusion(model: HARTModel, tokens: HARTTokenHandle, steps: int, guidance: float,
-                       seed: int) -> Tuple[HARTTokenHandle]:
-    if tokens.tokens.residual_condition is None and tokens.tokens.residual_positions != []:
+def residual_diffusion(model: HARTModel, tokens: HARTTokenHandle, steps: int, guidance: float, seed: int,
+                       preview: Optional[bool] = None) -> Tuple[HARTTokenHandle]:
+    check_seed("seed", seed, allow_continue=True)
+    if not (isinstance(guidance, (int, float)) and guidance == -1):
+        check_number("guidance", guidance, 0.0, 1000.0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"`steps` must be an integer >= 2 (official 8); got {steps!r}.")
+    groups = tokens.tokens.residual_positions  # [] = an edit that kept every token: nothing to re-sample
+    if tokens.tokens.residual_condition is None and groups != []:
         raise ValueError("These HART_TOKENS have no residual condition: connect the HART AR Sampler's output "
                          "(tokens from HART Tokenizer Encode already carry their residual).")
     if seed >= 0:
@@ -242,38 +304,50 @@ def residual_diffusion(model: HARTModel, tokens: HARTTokenHandle, steps: int, gu
         generator.set_state(tokens.generator_state)  # continue the AR stage's stream, as HARTPipeline does
     else:
         generator = _generator(0)
-    progress = runtime.Progress(steps)
+    progress = runtime.Progress(steps * (1 if groups is None else max(1, len(groups))))  # MaskGIT: one run per group
     with model.stage("residual_head") as pipe:
         out = add_residual(tokens.tokens, pipe.residual_head, pipe.scheduler, num_inference_steps=steps,
                            guidance_scale=None if guidance < 0 else guidance, generator=generator,
                            callback=_stage_callback(progress))
+    if preview is not False and progress.shows_previews:  # the finished latent (discrete + residual)
+        progress.update(0, preview=model.preview(out.latent + out.residual))
     return (HARTTokenHandle(tokens=out, patch_nums=tokens.patch_nums, generator_state=None, seed=tokens.seed),)
 
 
 def generate(model: HARTModel, prompt: str, negative_prompt: str, seed: int, size: str, steps: int, guidance: float,
-             batch_size: int) -> Tuple[torch.Tensor]:
-    pipe = model.pipe
-    side = pipe.default_size if size == AUTO_SIZE else int(size)
-    progress = runtime.Progress(len(pipe.patch_nums_for_size(side, side)))
+             batch_size: int, preview: Optional[bool] = None) -> Tuple[torch.Tensor]:
+    check_seed("seed", seed)
+    check_number("guidance", guidance, 0.0, 1000.0)
+    side = model_side(model, size)
+    num_scales = len(model.pipe.patch_nums_for_size(side, side))
+    progress = runtime.Progress(num_scales + steps)  # the pipeline calls back after every scale and residual step
+    on_scale_latent = _preview_callback(model, progress, preview)
 
-    def on_scale(_pipe, _i, _t, _tensors):
-        progress.update(1)
-        runtime.check_interrupt()
+    def on_step(_pipe, i, _t, tensors):
+        if i < num_scales:
+            on_scale_latent(i, None, tensors["latents"])
+        else:
+            _stage_callback(progress)()
         return {}
 
     with model.stage("text_encoder", "transformer", "residual_head", "vae") as pipe:
         images = pipe(prompt, negative_prompt=negative_prompt or None, height=side, width=side,
                       num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch_size,
-                      generator=_generator(seed), output_type="pt", callback_on_step_end=on_scale).images
+                      generator=_generator(seed), output_type="pt", callback_on_step_end=on_step,
+                      callback_on_step_end_tensor_inputs=["latents"]).images
     return (_to_image(images),)
 
 
 # ------------------------------------------------------------------------------------------------- editing
 def edit_sample(model: HARTModel, positive: HARTConditioning, image: torch.Tensor, seed: int, guidance: float,
                 strength: float, batch_size: int, mask: Optional[torch.Tensor] = None,
-                negative: Optional[HARTConditioning] = None,
-                num_maskgit_iters: Optional[int] = None) -> Tuple[HARTTokenHandle]:
+                negative: Optional[HARTConditioning] = None, num_maskgit_iters: Optional[int] = None,
+                preview: Optional[bool] = None) -> Tuple[HARTTokenHandle]:
     """The AR stage of a variation (no mask) or an inpainting (mask, 1 = repaint): ``edit_tokens``."""
+    check_seed("seed", seed)
+    check_number("guidance", guidance, 0.0, 1000.0)
+    check_number("strength", strength, 0.0, 1.0)
+    num_maskgit_iters = _check_maskgit(num_maskgit_iters)
     (image_tokens,) = tokenizer_encode(model, image, AUTO_SIZE)
     repaint = None
     if mask is not None:
@@ -283,7 +357,10 @@ def edit_sample(model: HARTModel, positive: HARTConditioning, image: torch.Tenso
         if tuple(mask.shape[-2:]) != tuple(image.shape[1:3]):
             raise ValueError(f"`mask` is {mask.shape[-1]}x{mask.shape[-2]} but `image` is {image.shape[2]}x{image.shape[1]}; "
                              "use a mask of the image's size.")
-        repaint = (_square(mask[:, None].float(), AUTO_SIZE, model.pipe.default_size) >= 0.5).float()
+        if not bool(torch.isfinite(mask).all()):
+            raise ValueError("`mask` holds NaN or infinite values.")
+        side = image_tokens.patch_nums[-1] * model.pipe.vae.downsample_factor
+        repaint = (_square(mask[:, None].float(), side) >= 0.5).float()
     context, position_ids, neg_context, neg_positions = _condition_rows(positive, negative, batch_size)
     generator = _generator(seed)
     progress = runtime.Progress(len(image_tokens.patch_nums))
@@ -294,8 +371,8 @@ def edit_sample(model: HARTModel, positive: HARTConditioning, image: torch.Tenso
             repaint_mask=None if repaint is None else repaint.to(dev),
             negative_context=None if neg_context is None else neg_context.to(dev),
             negative_position_ids=None if neg_positions is None else neg_positions.to(dev),
-            guidance_scale=guidance, generator=generator, num_maskgit_iters=num_maskgit_iters or 1,
-            callback=_stage_callback(progress),
+            guidance_scale=guidance, generator=generator, num_maskgit_iters=num_maskgit_iters,
+            callback=_preview_callback(model, progress, preview),
         )
     return (HARTTokenHandle(tokens=tokens, patch_nums=image_tokens.patch_nums, generator_state=generator.get_state(),
                             seed=seed),)
@@ -303,28 +380,40 @@ def edit_sample(model: HARTModel, positive: HARTConditioning, image: torch.Tenso
 
 def variation(model: HARTModel, positive: HARTConditioning, image: torch.Tensor, seed: int, guidance: float,
               strength: float, batch_size: int, negative: Optional[HARTConditioning] = None,
-              num_maskgit_iters: Optional[int] = None) -> Tuple[HARTTokenHandle]:
-    return edit_sample(model, positive, image, seed, guidance, strength, batch_size, None, negative, num_maskgit_iters)
+              num_maskgit_iters: Optional[int] = None, preview: Optional[bool] = None) -> Tuple[HARTTokenHandle]:
+    return edit_sample(model, positive, image, seed, guidance, strength, batch_size, None, negative, num_maskgit_iters,
+                       preview)
 
 
 def inpaint(model: HARTModel, positive: HARTConditioning, image: torch.Tensor, mask: torch.Tensor, seed: int,
             guidance: float, strength: float, batch_size: int, negative: Optional[HARTConditioning] = None,
-            num_maskgit_iters: Optional[int] = None) -> Tuple[HARTTokenHandle]:
-    return edit_sample(model, positive, image, seed, guidance, strength, batch_size, mask, negative, num_maskgit_iters)
+            num_maskgit_iters: Optional[int] = None, preview: Optional[bool] = None) -> Tuple[HARTTokenHandle]:
+    return edit_sample(model, positive, image, seed, guidance, strength, batch_size, mask, negative, num_maskgit_iters,
+                       preview)
 
 
 # ------------------------------------------------------------------------------------------------- the specs
 MODEL_IN = In("model", HART_MODEL, "The HART model from HART Loader.")
 SEED_TIP = "Random seed. The same seed gives the same image as HARTPipeline(generator=torch.Generator().manual_seed(seed))."
+SIZE_TIP = ("Square image side. The list holds every known model's sizes; the loaded model's are checked before "
+            "sampling (built-in model: 64 (its own), 128, 256, 512; released HART: 1024 (its own), 512, 256).")
+PREVIEW_TIP = "Show the image forming scale by scale (a cheap latent-to-RGB preview on the node)."
+RESIDUAL_SEED_TIP = ("-1 (default) = continue the AR sampler's random stream: the chain then gives exactly the image "
+                     "of HARTPipeline with the AR seed, and re-running reproduces it. >= 0 = a fresh generator with this "
+                     "seed (other residual detail on the same tokens). Not randomized after each run.")
 GUIDANCE_TIP = ("Classifier-free guidance in HART's convention (1+g)*cond - g*uncond, ramped over the scales as "
                 "in the official code (official 4.5).")
 
+MASKGIT_IN = In("num_maskgit_iters", "INT", "Iterations of the official MaskGIT-style final scale (1 = official "
+                "default: all its tokens at once).", default=1, min=1, max=4096, optional=True)
 NODE_SPECS: List[NodeSpec] = [
     NodeSpec(
         "HARTLoader", "HART Loader",
-        "Load a HART model: a folder in ComfyUI/models/hart (diffusers layout, or the official llm/ + tokenizer/ "
-        "layout, converted in memory) or the built-in small default model.",
-        [In("model", "COMBO", "A folder in ComfyUI/models/hart, or the small built-in model that ships with the pack.",
+        "Load a HART model: the built-in small default model, the released HART by its Hub id (downloaded and "
+        "converted once), or a folder in ComfyUI/models/hart (diffusers layout, or the official llm/ + tokenizer/ "
+        "layout, converted in memory).",
+        [In("model", "COMBO", "A folder in ComfyUI/models/hart, the small built-in model that ships with the pack, or a "
+            "released model by its Hub id (downloaded into models/hart and converted once, on first use).",
             default=BUILTIN_MODEL, options=model_options),
          In("text_encoder", "COMBO", "Text encoder folder (e.g. Qwen2-VL-1.5B-Instruct for the released model) in "
             "ComfyUI/models/hart; needed for official-layout folders and converted folders saved without one.",
@@ -336,6 +425,7 @@ NODE_SPECS: List[NodeSpec] = [
             "device only for its stage: less GPU memory, slower.", default=False)],
         [Out(HART_MODEL, "model", "The HART pipeline (text encoder, AR transformer, residual head, hybrid tokenizer).")],
         load_model,
+        search_aliases=("hart checkpoint loader", "load hart", "hybrid autoregressive transformer", "mit-han-lab hart"),
     ),
     NodeSpec(
         "HARTTextEncode", "HART Text Encode",
@@ -343,6 +433,7 @@ NODE_SPECS: List[NodeSpec] = [
         [MODEL_IN, In("prompt", "STRING", "The text prompt.", default="", multiline=True)],
         [Out(HART_CONDITIONING, "conditioning", "Text hidden states, position ids and mask.")],
         text_encode,
+        search_aliases=("hart prompt", "hart clip text encode", "hart conditioning"),
     ),
     NodeSpec(
         "HARTEmptyConditioning", "HART Empty Conditioning",
@@ -350,16 +441,18 @@ NODE_SPECS: List[NodeSpec] = [
         [],
         [Out(HART_CONDITIONING, "conditioning", "The all-zero unconditional condition.")],
         empty_conditioning,
+        search_aliases=("hart negative", "hart unconditional", "hart zero conditioning"),
     ),
     NodeSpec(
         "HARTTokenizerEncode", "HART Tokenizer Encode",
         "Tokenize images with HART's hybrid tokenizer (vae.encode): per-scale discrete indices + a continuous residual.",
         [MODEL_IN, In("image", "IMAGE", "Square images; see resize."),
          In("resize", "COMBO", "none: use the image as is (square, side a multiple of 16 with a patch schedule); "
-            "auto: center-crop and resize to the model's size; or a standard size.", default=AUTO_SIZE,
-            options=["none", AUTO_SIZE] + STANDARD_SIZES)],
+            "auto: center-crop and resize to the model's size; or one of the model's sizes (checked before encoding).",
+            default=AUTO_SIZE, options=lambda: ["none"] + size_options())],
         [Out(HART_TOKENS, "tokens", "Hybrid tokens (indices per scale + residual).")],
         tokenizer_encode,
+        search_aliases=("hart vae encode", "hart image to tokens", "hart tokenize"),
     ),
     NodeSpec(
         "HARTTokenizerDecode", "HART Tokenizer Decode",
@@ -369,6 +462,7 @@ NODE_SPECS: List[NodeSpec] = [
             default=False)],
         [Out("IMAGE", "image", "The decoded images.")],
         tokenizer_decode,
+        search_aliases=("hart vae decode", "hart tokens to image"),
     ),
     NodeSpec(
         "HARTARSampler", "HART AR Sampler",
@@ -380,11 +474,11 @@ NODE_SPECS: List[NodeSpec] = [
          In("guidance", "FLOAT", GUIDANCE_TIP, default=4.5, min=0.0, max=30.0, step=0.1),
          In("top_k", "INT", "Top-k sampling; -1 = the official schedule (600 for the first 7 scales, then 300); "
             "0 disables.", default=-1, min=-1, max=65536),
-         In("top_p", "FLOAT", "Nucleus sampling threshold; 0 disables (official).", default=0.0, min=0.0, max=0.99,
-            step=0.01),
+         In("top_p", "FLOAT", "Nucleus sampling threshold in [0, 1); 0 disables (official).", default=0.0, min=0.0,
+            max=0.99, step=0.01),
          In("smooth", "BOOLEAN", "The official Gumbel-softmax 'more smooth' soft tokens.", default=True),
-         In("size", "COMBO", "Square image side; auto = the prefix's size when a prefix is connected, else the "
-            "model's own.", default=AUTO_SIZE, options=_size_options),
+         In("size", "COMBO", SIZE_TIP + " auto = the prefix's size when a prefix is connected, else the model's own.",
+            default=AUTO_SIZE, options=size_options),
          In("batch_size", "INT", "Images per prompt.", default=1, min=1, max=64),
          In("keep_scales", "INT", "With a prefix: how many coarse scales to keep from it (the rest are sampled).",
             default=4, min=0, max=64),
@@ -392,10 +486,12 @@ NODE_SPECS: List[NodeSpec] = [
             "Conditioning) = the official all-zero condition.", optional=True),
          In("prefix", HART_TOKENS, "Optional tokens (e.g. HART Tokenizer Encode of an image) whose first keep_scales "
             "scales are kept: variations of that image.", optional=True),
-         In("num_maskgit_iters", "INT", "Iterations of the official MaskGIT-style final scale (1 = official "
-            "default: all its tokens at once).", default=1, min=1, max=4096, optional=True)],
+         MASKGIT_IN,
+         In("preview", "BOOLEAN", PREVIEW_TIP, default=True, optional=True)],
         [Out(HART_TOKENS, "tokens", "Discrete tokens, the residual head's condition and the generator state.")],
         ar_sample,
+        search_aliases=("hart ksampler", "hart sampler", "next-scale prediction", "autoregressive sampler",
+                        "var sampler"),
     ),
     NodeSpec(
         "HARTResidualDiffusion", "HART Residual Diffusion",
@@ -404,10 +500,12 @@ NODE_SPECS: List[NodeSpec] = [
          In("steps", "INT", "Residual diffusion steps (official 8).", default=8, min=2, max=1000),
          In("guidance", "FLOAT", "Residual guidance; -1 = the AR sampler's final-scale guidance (official).",
             default=-1.0, min=-1.0, max=30.0, step=0.1),
-         In("seed", "INT", "-1 = continue the AR sampler's random stream (the same image as HARTPipeline with the "
-            "AR seed); >= 0 = a fresh generator with this seed.", default=-1, min=-1, max=MAX_SEED)],
+         In("seed", "INT", RESIDUAL_SEED_TIP, default=-1, min=-1, max=MAX_SEED, control_after_generate=False),
+         In("preview", "BOOLEAN", "Show the finished latent (discrete + residual) as a cheap preview on the node.",
+            default=True, optional=True)],
         [Out(HART_TOKENS, "tokens", "Tokens with the residual.")],
         residual_diffusion,
+        search_aliases=("hart residual", "hart refine", "hart detail"),
     ),
     NodeSpec(
         "HARTGenerate", "HART Generate",
@@ -416,12 +514,14 @@ NODE_SPECS: List[NodeSpec] = [
          In("negative_prompt", "STRING", "Optional negative prompt; empty = the official all-zero condition.",
             default="", multiline=True),
          In("seed", "INT", SEED_TIP, default=0, min=0, max=MAX_SEED, control_after_generate=True),
-         In("size", "COMBO", "Square image side; auto = the model's own.", default=AUTO_SIZE, options=_size_options),
+         In("size", "COMBO", SIZE_TIP + " auto = the model's own.", default=AUTO_SIZE, options=size_options),
          In("steps", "INT", "Residual diffusion steps (official 8).", default=8, min=2, max=1000),
          In("guidance", "FLOAT", GUIDANCE_TIP, default=4.5, min=0.0, max=30.0, step=0.1),
-         In("batch_size", "INT", "Images per prompt.", default=1, min=1, max=64)],
+         In("batch_size", "INT", "Images per prompt.", default=1, min=1, max=64),
+         In("preview", "BOOLEAN", PREVIEW_TIP, default=True, optional=True)],
         [Out("IMAGE", "image", "The generated images.")],
         generate,
+        search_aliases=("hart text to image", "hart txt2img", "hart pipeline"),
     ),
 ]
 
@@ -432,8 +532,8 @@ _EDIT_IN = [
 _EDIT_OPTIONAL = [
     In("negative", HART_CONDITIONING, "Optional negative conditioning; unconnected = the official all-zero condition.",
        optional=True),
-    In("num_maskgit_iters", "INT", "Iterations of the official MaskGIT-style final scale (1 = all at once).",
-       default=1, min=1, max=4096, optional=True),
+    MASKGIT_IN,
+    In("preview", "BOOLEAN", PREVIEW_TIP, default=True, optional=True),
 ]
 NODE_SPECS += [
     NodeSpec(
@@ -447,6 +547,7 @@ NODE_SPECS += [
          In("batch_size", "INT", "Variations per prompt.", default=1, min=1, max=64), *_EDIT_OPTIONAL],
         [Out(HART_TOKENS, "tokens", "Tokens (the image's where kept), the residual condition and the generator state.")],
         variation,
+        search_aliases=("hart img2img", "hart image to image", "hart variations"),
     ),
     NodeSpec(
         "HARTInpaint", "HART Inpaint",
@@ -462,6 +563,7 @@ NODE_SPECS += [
         [Out(HART_TOKENS, "tokens", "Tokens (the image's outside the mask), the residual condition and the generator "
              "state.")],
         inpaint,
+        search_aliases=("hart inpainting", "hart outpainting", "hart repaint"),
     ),
 ]
 

@@ -16,8 +16,8 @@ def classic_input(i: In) -> tuple:
             opts[key] = getattr(i, key)
     if i.multiline:
         opts["multiline"] = True
-    if i.control_after_generate:
-        opts["control_after_generate"] = True
+    if i.control_after_generate is not None:  # always said, so the frontend's seed convention never guesses
+        opts["control_after_generate"] = i.control_after_generate
     if i.type == "COMBO":
         return (i.combo_options(), opts)
     return (i.type, opts)
@@ -41,6 +41,7 @@ def classic_node(spec: NodeSpec) -> type:
         "FUNCTION": "run",
         "CATEGORY": spec.category,
         "DESCRIPTION": spec.description,
+        "SEARCH_ALIASES": list(spec.search_aliases),
         "SPEC": spec,
         "run": run,
         "__doc__": spec.description,
@@ -59,7 +60,7 @@ def v3_input(io, i: In):
     common = {"tooltip": i.tooltip, "optional": i.optional}
     if i.type == "INT":
         return io.Int.Input(i.name, default=i.default, min=i.min, max=i.max, step=i.step,
-                            control_after_generate=i.control_after_generate or None, **common)
+                            control_after_generate=i.control_after_generate, **common)
     if i.type == "FLOAT":
         return io.Float.Input(i.name, default=i.default, min=i.min, max=i.max, step=i.step, **common)
     if i.type == "STRING":
@@ -80,9 +81,12 @@ def v3_output(io, o):
 
 def v3_node(io, spec: NodeSpec) -> type:
     def define_schema(cls):
+        extra = {}
+        if "search_aliases" in getattr(io.Schema, "__dataclass_fields__", {}):  # newer ComfyUI
+            extra["search_aliases"] = list(spec.search_aliases)
         return io.Schema(node_id=spec.node_id, display_name=spec.display_name, category=spec.category,
                          description=spec.description, inputs=[v3_input(io, i) for i in spec.inputs],
-                         outputs=[v3_output(io, o) for o in spec.outputs])
+                         outputs=[v3_output(io, o) for o in spec.outputs], **extra)
 
     def execute(cls, **kwargs):
         return io.NodeOutput(*spec.function(**kwargs))

@@ -5,6 +5,7 @@ test can stand in for ComfyUI by putting fake ``comfy.*`` / ``folder_paths`` mod
 """
 
 import importlib
+import json
 import os
 from typing import List, Optional
 
@@ -56,17 +57,87 @@ def check_interrupt() -> None:
 
 
 class Progress:
-    """``comfy.utils.ProgressBar`` when running inside ComfyUI, else a silent counter."""
+    """``comfy.utils.ProgressBar`` when running inside ComfyUI, else a silent counter.
+
+    ``update(n, preview=images)`` also sends the first of ``images`` ((B, 3, h, w) in [0, 1]) as the node's
+    live preview, the way ComfyUI's samplers do (a ``("JPEG", PIL image, max side)`` tuple).
+    """
 
     def __init__(self, total: int):
         self.total, self.value = total, 0
         utils = _module("comfy.utils")
         self._bar = utils.ProgressBar(total) if utils is not None and hasattr(utils, "ProgressBar") else None
 
-    def update(self, n: int = 1) -> None:
+    @property
+    def shows_previews(self) -> bool:
+        """Whether a preview passed to :meth:`update` is shown (only inside ComfyUI): skip making one otherwise."""
+        return self._bar is not None
+
+    def update(self, n: int = 1, preview: Optional[torch.Tensor] = None) -> None:
         self.value += n
         if self._bar is not None:
-            self._bar.update(n)
+            self._bar.update_absolute(self.value, self.total, None if preview is None else preview_image(preview))
+
+
+def preview_image(images: torch.Tensor):
+    """ComfyUI's preview tuple for the first image, upscaled (nearest) towards ComfyUI's preview size."""
+    from PIL import Image
+
+    args = getattr(_module("comfy.cli_args"), "args", None)
+    max_side = int(getattr(args, "preview_size", 512) or 512)
+    pixels = (images[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    image = Image.fromarray(pixels)
+    factor = max(1, max_side // max(image.size))
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    return ("JPEG", image, max_side)
+
+
+# ---------------------------------------------------------------------------------------- model management
+class ManagedModule(torch.nn.Module):
+    """One HART component as ComfyUI's ``ModelPatcher`` expects a model: a plain module whose ``device``
+    it can set (diffusers models expose ``device`` read-only) and on which it keeps its bookkeeping."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.module = module
+        self.device = device
+
+
+_MANAGED_CLASSES: dict = {}
+
+
+def model_management_available() -> bool:
+    """True inside ComfyUI: its ``ModelPatcher`` and ``load_models_gpu`` can manage our components."""
+    mp = _module("comfy.model_patcher")
+    return mp is not None and hasattr(mp, "ModelPatcher") and hasattr(_mm(), "load_models_gpu")
+
+
+def model_patcher(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+    """A ``comfy.model_patcher.ModelPatcher`` for ``module``, or None outside ComfyUI."""
+    if not model_management_available():
+        return None
+    mp = _module("comfy.model_patcher")
+    current = next(module.parameters(), torch.empty(0)).device
+    name = type(module).__name__  # ComfyUI logs "Requested to load <class name>": name it after the component
+    cls = _MANAGED_CLASSES.setdefault(name, type(f"Managed{name}", (ManagedModule,), {}))
+    return mp.ModelPatcher(cls(module, current), load_device=load_device, offload_device=offload_device)
+
+
+def load_patchers(patchers: List) -> None:
+    """Load components through ComfyUI's ``load_models_gpu``: it makes room by evicting other models (and
+    evicts ours when another model needs the room); "free memory" unloads them."""
+    _mm().load_models_gpu(patchers, force_full_load=True)
+
+
+def unload_patchers(patchers: List) -> None:
+    """Move these components back to their offload device now (the loader's ``offload`` switch)."""
+    mm = _mm()
+    for loaded in list(getattr(mm, "current_loaded_models", [])):
+        if any(loaded.model is p for p in patchers):
+            loaded.model_unload()
+            mm.current_loaded_models.remove(loaded)
+    soft_empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- model folders
@@ -121,7 +192,7 @@ def list_folders(kinds=("diffusers", "official")) -> List[str]:
             continue
         for name in sorted(os.listdir(root)):
             path = os.path.join(root, name)
-            if not os.path.isdir(path):
+            if not os.path.isdir(path) or name.endswith(".partial"):  # a conversion in progress
                 continue
             if model_kind(path) in kinds:
                 found.append(name)
@@ -144,3 +215,70 @@ def resolve_folder(name: str) -> str:
         f"HART model folder {name!r} not found in {model_roots() or ['(no hart model folder registered)']}; put "
         f"diffusers-layout or official-layout (llm/ + tokenizer/) folders in ComfyUI/models/{MODEL_FOLDER}/."
     )
+
+
+def folder_sizes(folder: str) -> List[int]:
+    """Image sides a diffusers-layout HART folder supports, read from its configs ([] when unreadable)."""
+    from hart_pipeline.schedules import supported_sizes
+
+    try:
+        with open(os.path.join(folder, "transformer", "config.json")) as f:
+            patch_nums = json.load(f)["patch_nums"]
+        with open(os.path.join(folder, "vae", "config.json")) as f:
+            factor = 2 ** (len(json.load(f)["channel_multipliers"]) - 1)
+        return sorted(supported_sizes(patch_nums, factor))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return []
+
+
+# ---------------------------------------------------------------------------------------------- downloads
+RELEASED_MODELS = {  # Hub id -> its text encoder's Hub id
+    "mit-han-lab/hart-0.7b-1024px": "mit-han-lab/Qwen2-VL-1.5B-Instruct",
+}
+
+
+def released_folder(repo_id: str) -> Optional[str]:
+    """The converted folder of a released model if it is already in a model root, else None."""
+    name = converted_name(repo_id)
+    for root in model_roots():
+        if os.path.isfile(os.path.join(root, name, "model_index.json")):
+            return os.path.join(root, name)
+    return None
+
+
+def converted_name(repo_id: str) -> str:
+    return repo_id.split("/")[-1] + "-diffusers"
+
+
+def download_released(repo_id: str) -> str:
+    """Download a released HART checkpoint and its text encoder into the first model root (ComfyUI/models/hart),
+    convert it once to a diffusers folder (text encoder included) and return that folder; later calls
+    return the cached folder without touching the network."""
+    cached = released_folder(repo_id)
+    if cached is not None:
+        return cached
+    roots = model_roots()
+    if not roots:
+        raise FileNotFoundError(f"No folder to download {repo_id} into: run inside ComfyUI (models/{MODEL_FOLDER}) or "
+                                "set $HART_MODELS_DIR.")
+    from huggingface_hub import snapshot_download
+
+    from hart_pipeline.convert import convert
+
+    root, text_repo = roots[0], RELEASED_MODELS[repo_id]
+    sources = {}
+    for repo, patterns in ((repo_id, ["llm/pytorch_model.bin"]), (text_repo, [])):  # the EMA weights are enough
+        target = os.path.join(root, repo.split("/")[-1])
+        try:
+            sources[repo] = snapshot_download(repo, local_dir=target, ignore_patterns=patterns or None)
+        except Exception as e:  # offline, DNS, HTTP errors, missing files: one message that says what to do
+            raise RuntimeError(
+                f"Could not download {repo} from the Hugging Face Hub ({type(e).__name__}: {e}). Connect to the "
+                f"internet, or download it by hand: `huggingface-cli download {repo} --local-dir {target}`, then "
+                f"pick the folder in HART Loader."
+            ) from e
+    final = os.path.join(root, converted_name(repo_id))
+    partial = final + ".partial"
+    convert(sources[repo_id], partial, text_encoder=sources[text_repo])
+    os.replace(partial, final)  # a complete folder or none: an interrupted conversion is redone
+    return final

@@ -38,6 +38,20 @@ def supported_sizes(model_patch_nums: Sequence[int], downsample_factor: int) -> 
     return {pns[-1] * downsample_factor: pns for pns in schedules}
 
 
+def supported_sizes(own_patch_nums: Sequence[int], downsample_factor: int) -> Dict[int, Tuple[int, ...]]:
+    """Square image side -> patch schedule for a model: its own schedule and the standard ones (a standard
+    schedule ending at the same side takes precedence, as the pipeline always did).
+
+    A schedule's last side is the latent side, so the image side is ``patch_nums[-1] * downsample_factor``
+    (the built-in tokenizer downsamples by 8, the released one by 16).
+    """
+    schedules = [tuple(own_patch_nums)] + [PATCH_NUMS[r] for r in sorted(PATCH_NUMS)]
+    sizes: Dict[int, Tuple[int, ...]] = {}
+    for pns in schedules:
+        sizes[pns[-1] * downsample_factor] = pns
+    return sizes
+
+
 def phi_index(scale_index: int, num_scales: int, num_phi: int = 4) -> int:
     """Which of the ``num_phi`` shared phi convs refines scale ``scale_index`` (VAR's partial sharing).
 

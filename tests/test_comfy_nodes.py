@@ -8,6 +8,7 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,15 +21,11 @@ from comfy_nodes import nodes as N  # noqa: E402
 from comfy_nodes.handles import HARTConditioning, HARTModel  # noqa: E402
 from comfy_nodes.registration import classic_mappings, v3_node  # noqa: E402
 
+import comfy_frontend as F  # noqa: E402
 from conftest import tiny_pipeline  # noqa: E402
 
 PROMPT = "a red circle above a blue square"
 CLASSIC, DISPLAY = classic_mappings()
-CORE_NODES = {  # ComfyUI core nodes the examples use: socket inputs, output types, widget names
-    "LoadImage": ({}, ["IMAGE", "MASK"], ["image", "upload"]),
-    "SaveImage": ({"images": "IMAGE"}, [], ["filename_prefix"]),
-    "PreviewImage": ({"images": "IMAGE"}, [], []),
-}
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +82,74 @@ def test_package_exports_and_model_folder(monkeypatch, tmp_path):
     (tmp_path / "hart" / "mine" / "model_index.json").write_text("{}")
     (tmp_path / "hart" / "official" / "llm").mkdir(parents=True)
     (tmp_path / "hart" / "official" / "tokenizer").mkdir()
-    assert N.model_options() == [N.BUILTIN_MODEL, "mine", "official"]
+    assert N.model_options() == [N.BUILTIN_MODEL, "mit-han-lab/hart-0.7b-1024px", "mine", "official"]
     assert fp.folder_names_and_paths["hart"][0] == [str(tmp_path / "hart")]
 
 
 # ------------------------------------------------------------------------------------------------ workflows
-def _node_io(node_type):
-    if node_type in CORE_NODES:
-        return CORE_NODES[node_type]
-    spec = N.SPECS_BY_ID[node_type]
-    return ({i.name: i.type for i in spec.inputs if not i.is_widget}, [o.type for o in spec.outputs],
-            [i.name for i in spec.inputs if i.is_widget])
+CORE_OBJECT_INFO = {  # ComfyUI's core nodes the examples use, as /object_info describes them
+    "LoadImage": {"input": {"required": {"image": [["hart_shapes.png"], {"image_upload": True}]}},
+                  "output": ["IMAGE", "MASK"]},
+    "SaveImage": {"input": {"required": {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
+                  "output": []},
+    "PreviewImage": {"input": {"required": {"images": ["IMAGE", {}]}}, "output": []},
+}
+
+
+def classic_object_info(node_id):
+    """/object_info of a classic node: ComfyUI's node_info serves INPUT_TYPES() and its key order."""
+    cls = CLASSIC[node_id]
+    types_ = cls.INPUT_TYPES()
+    return {"input": types_, "input_order": {k: list(v) for k, v in types_.items()}, "output": list(cls.RETURN_TYPES)}
+
+
+def object_info(node_id):
+    return CORE_OBJECT_INFO[node_id] if node_id in CORE_OBJECT_INFO else classic_object_info(node_id)
+
+
+def frontend_widgets(node_id):
+    return F.widget_names(object_info(node_id))
+
+
+def load_workflow(name):
+    with open(os.path.join(ROOT, "example_workflows", f"{name}.json")) as f:
+        return json.load(f)
+
+
+def test_example_workflows_are_all_ui_format():
+    """ComfyUI lists example_workflows/ as templates: only UI-format files belong there (API copies: tests/)."""
+    names = [n for n in sorted(os.listdir(os.path.join(ROOT, "example_workflows"))) if n.endswith(".json")]
+    assert {"reconstruction.json", "text_to_image.json"} <= set(names)
+    for name in names:
+        assert {"nodes", "links", "last_node_id", "version"} <= set(load_workflow(name[:-5])), name
+
+
+@pytest.mark.parametrize("name", ["text_to_image", "reconstruction"])
+def test_example_workflow_ui_format(name):
+    wf = load_workflow(name)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert wf["last_node_id"] == max(nodes) and wf["last_link_id"] == max(link[0] for link in wf["links"])
+    for link_id, src, src_slot, dst, dst_slot, link_type in wf["links"]:
+        assert object_info(nodes[src]["type"])["output"][src_slot] == link_type
+        assert nodes[dst]["inputs"][dst_slot]["type"] == link_type and nodes[dst]["inputs"][dst_slot]["link"] == link_id
+        assert link_id in nodes[src]["outputs"][src_slot]["links"]
+    for node in nodes.values():
+        info = object_info(node["type"])
+        assert [i["name"] for i in node["inputs"]] == F.socket_names(info)
+        assert [o["type"] for o in node["outputs"]] == info["output"]
+        widgets = frontend_widgets(node["type"])
+        assert len(node.get("widgets_values", [])) == len(widgets), (node["type"], widgets)  # what the frontend makes
+        if node["type"] in CORE_OBJECT_INFO:
+            continue
+        spec = N.SPECS_BY_ID[node["type"]]
+        for wname, value in zip(widgets, node["widgets_values"]):
+            if wname == F.CONTROL:
+                assert value in F.CONTROL_VALUES
+            else:
+                _check_widget(next(i for i in spec.inputs if i.name == wname), value)
+        for i in spec.inputs:
+            if not i.is_widget and not i.optional:
+                assert next(x for x in node["inputs"] if x["name"] == i.name)["link"] is not None, (node["type"], i.name)
 
 
 def _check_widget(spec_input, value):
@@ -111,51 +165,18 @@ def _check_widget(spec_input, value):
 
 
 @pytest.mark.parametrize("name", ["text_to_image", "reconstruction"])
-def test_example_workflow_ui_format(name):
-    with open(os.path.join(ROOT, "example_workflows", f"{name}.json")) as f:
-        wf = json.load(f)
-    nodes = {n["id"]: n for n in wf["nodes"]}
-    assert wf["last_node_id"] == max(nodes) and wf["last_link_id"] == max(link[0] for link in wf["links"])
-    for link_id, src, src_slot, dst, dst_slot, link_type in wf["links"]:
-        assert _node_io(nodes[src]["type"])[1][src_slot] == link_type
-        assert nodes[dst]["inputs"][dst_slot]["type"] == link_type and nodes[dst]["inputs"][dst_slot]["link"] == link_id
-        assert link_id in nodes[src]["outputs"][src_slot]["links"]
-    for node in nodes.values():
-        sockets, outputs, widgets = _node_io(node["type"])
-        assert [(i["name"], i["type"]) for i in node["inputs"]] == list(sockets.items())
-        assert [o["type"] for o in node["outputs"]] == outputs
-        if node["type"] in CORE_NODES:
-            assert len(node["widgets_values"]) == len(widgets)
-            continue
-        spec = N.SPECS_BY_ID[node["type"]]
-        values = list(node["widgets_values"])
-        for i in (i for i in spec.inputs if i.is_widget):
-            _check_widget(i, values.pop(0))
-            if i.control_after_generate:
-                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
-        assert values == []
-        for i in spec.inputs:
-            if not i.is_widget and not i.optional:
-                assert next(x for x in node["inputs"] if x["name"] == i.name)["link"] is not None, (node["type"], i.name)
-
-
-@pytest.mark.parametrize("name", ["text_to_image", "reconstruction"])
-def test_example_workflow_api_format(name):
-    with open(os.path.join(ROOT, "example_workflows", f"{name}_api.json")) as f:
-        wf = json.load(f)
-    for node in wf.values():
-        sockets, _, widgets = _node_io(node["class_type"])
-        for key, value in node["inputs"].items():
-            if key in sockets:
-                src = wf[value[0]]
-                assert _node_io(src["class_type"])[1][value[1]] == sockets[key]
-            else:
-                assert key in widgets
-                if node["class_type"] in N.SPECS_BY_ID:
-                    _check_widget(next(i for i in N.SPECS_BY_ID[node["class_type"]].inputs if i.name == key), value)
+def test_ui_workflow_round_trips_to_the_api_copy(name):
+    """The frontend's own widget mapping turns the saved UI workflow into exactly the API prompt in tests/."""
+    wf = load_workflow(name)
+    infos = {n["type"]: object_info(n["type"]) for n in wf["nodes"]}
+    with open(os.path.join(ROOT, "tests", "workflows", f"{name}_api.json")) as f:
+        api = json.load(f)
+    expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert F.ui_to_api(wf, infos) == expected
+    for node in expected.values():  # every HART node gets exactly its function's arguments
         if node["class_type"] in N.SPECS_BY_ID:
-            required = {i.name for i in N.SPECS_BY_ID[node["class_type"]].inputs if not i.optional}
-            assert required <= set(node["inputs"])
+            spec = N.SPECS_BY_ID[node["class_type"]]
+            assert {i.name for i in spec.inputs if not i.optional} <= set(node["inputs"]) <= {i.name for i in spec.inputs}
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -210,8 +231,8 @@ def test_interrupt_stops_the_ar_loop_between_scales(model, monkeypatch):
             self.total, self.n = total, 0
             bars.append(self)
 
-        def update(self, n):
-            self.n += n
+        def update_absolute(self, value, total=None, preview=None):
+            self.n = value
 
     comfy = types.ModuleType("comfy")
     comfy.model_management = types.ModuleType("comfy.model_management")
@@ -228,7 +249,7 @@ def test_interrupt_stops_the_ar_loop_between_scales(model, monkeypatch):
     with pytest.raises(Interrupted):
         N.ar_sample(model, pos, 0, 4.5, -1, 0.0, True, "auto", 1, 4)
     assert scales == [0, 1] and len(calls) == 2  # stopped after the second of four scales
-    assert bars[0].total == 4 and bars[0].n == 2
+    assert bars[0].total == 4 and bars[0].n == 1  # the interrupted scale is not reported as done
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -273,7 +294,7 @@ def _fake_comfy_api():
         def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, **kwargs):
             self.id, self.optional, self.tooltip, self.kwargs = id, optional, tooltip, kwargs
 
-    def widget(extra):
+    def widget(io_type, extra):
         params = ["default", "socketless", "force_input", *extra]
 
         class W(Input):
@@ -281,6 +302,7 @@ def _fake_comfy_api():
                 unknown = set(kwargs) - set(params)
                 assert not unknown, unknown
                 super().__init__(id, display_name, optional, tooltip, lazy, **kwargs)
+        W.io_type = io_type
         return types.SimpleNamespace(Input=W, Output=None)
 
     class Output:
@@ -299,12 +321,11 @@ def _fake_comfy_api():
             self.args = args
 
     io = types.SimpleNamespace(
-        Int=widget(["min", "max", "step", "control_after_generate", "display_mode"]),
-        Float=widget(["min", "max", "step", "round", "display_mode"]),
-        String=widget(["multiline", "placeholder", "dynamic_prompts"]),
-        Boolean=widget(["label_on", "label_off"]),
-        Combo=types.SimpleNamespace(Input=lambda id, options=None, **kw: widget(["control_after_generate", "upload"]).Input(
-            id, default=kw.pop("default", None), **kw)),
+        Int=widget("INT", ["min", "max", "step", "control_after_generate", "display_mode"]),
+        Float=widget("FLOAT", ["min", "max", "step", "round", "display_mode"]),
+        String=widget("STRING", ["multiline", "placeholder", "dynamic_prompts"]),
+        Boolean=widget("BOOLEAN", ["label_on", "label_off"]),
+        Combo=widget("COMBO", ["options", "control_after_generate", "upload"]),
         Image=custom("IMAGE"), Custom=custom, ComfyNode=ComfyNode, NodeOutput=NodeOutput,
         Schema=lambda **kw: types.SimpleNamespace(**kw),
     )
@@ -328,3 +349,283 @@ def test_comfy_api_registration_uses_the_same_specs(model, monkeypatch):
         assert len(schema.outputs) == len(cls.SPEC.outputs) and all(i.tooltip for i in schema.inputs)
     (cond,) = v3_node(io, N.SPECS_BY_ID["HARTTextEncode"]).execute(model=model, prompt=PROMPT).args
     assert isinstance(cond, HARTConditioning) and cond.attention_mask.shape == cond.position_ids.shape
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+def _v3_object_info(node_id):
+    """/object_info of the comfy_api node: the fake io records every keyword, None pruned (prune_dict)."""
+    io = _fake_comfy_api()
+    schema = v3_node(io, N.SPECS_BY_ID[node_id]).define_schema()
+    info = {"input": {}, "input_order": {}}
+    for i in schema.inputs:
+        group = "optional" if i.optional else "required"
+        options = {k: v for k, v in {"tooltip": i.tooltip, **i.kwargs}.items() if v is not None}
+        info["input"].setdefault(group, {})[i.id] = [i.io_type, options]
+        info["input_order"].setdefault(group, []).append(i.id)
+    return info
+
+
+@pytest.mark.parametrize("registration", ["classic", "comfy_api"])
+def test_seed_widgets_as_the_frontend_builds_them(registration):
+    info = classic_object_info if registration == "classic" else _v3_object_info
+    residual = info("HARTResidualDiffusion")
+    assert F.widget_names(residual) == ["steps", "guidance", "seed", "preview"]  # no randomize widget
+    assert residual["input"]["required"]["seed"][1]["default"] == -1
+    assert F.combo_options(info("HARTGenerate")["input"]["required"]["size"])[:3] == ["auto", "64", "128"]
+    assert "continue the AR sampler" in residual["input"]["required"]["seed"][1]["tooltip"]
+    for node_id in ("HARTARSampler", "HARTGenerate"):  # fresh seeds keep ComfyUI's usual control widget
+        names = F.widget_names(info(node_id))
+        assert names[names.index("seed") + 1] == F.CONTROL
+    for node_id in N.SPECS_BY_ID:  # every seed says whether it wants the control: the frontend never guesses
+        for name, spec in F.ordered_inputs(info(node_id)):
+            if name == "seed":
+                assert F.CONTROL in spec[1]
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+def test_size_choices_cover_known_models_and_are_checked_against_the_loaded_one(model):
+    options = N.size_options()
+    assert options[0] == "auto" and {"64", "128", "256", "512", "1024"} <= set(options)  # built-in 64/128, released 1024
+    assert sorted(model.pipe.supported_sizes) == [64, 256, 512, 1024]  # tiny: 16x downsampling, own schedule 64
+    (pos,) = N.text_encode(model, PROMPT)
+    with pytest.raises(ValueError, match=r"`size` = 128 .*valid: auto, 64 \(its own\), 256, 512, 1024"):
+        N.ar_sample(model, pos, 0, 4.5, -1, 0.0, True, "128", 1, 4)
+    with pytest.raises(ValueError, match="`size` = 128"):
+        N.generate(model, PROMPT, "", 0, "128", 8, 4.5, 1)
+    with pytest.raises(ValueError, match="`resize` = 128"):
+        N.tokenizer_encode(model, torch.rand(1, 64, 64, 3), "128")
+    (tokens,) = N.ar_sample(model, pos, 0, 4.5, -1, 0.0, True, "256", 1, 4)
+    assert tokens.patch_nums == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+
+def test_size_choices_include_model_folders(pipe, tmp_path, monkeypatch):
+    from hart_pipeline import HARTPipeline
+
+    odd = HARTPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                       transformer=type(pipe.transformer)(**{**pipe.transformer.config, "patch_nums": (1, 2, 3, 5)}),
+                       residual_head=pipe.residual_head, scheduler=pipe.scheduler)
+    odd.save_pretrained(str(tmp_path / "odd"))
+    monkeypatch.setenv("HART_MODELS_DIR", str(tmp_path))
+    assert "80" in N.size_options()  # its own schedule ends at 5: 5 x 16
+
+
+def test_tokenizer_encode_uses_the_models_schedule_for_other_sizes(model):
+    (tokens,) = N.tokenizer_encode(model, torch.rand(1, 256, 256, 3), "none")
+    assert tokens.patch_nums == model.pipe.supported_sizes[256]
+
+
+# ------------------------------------------------------------------------------------------------ previews
+class _Bars:
+    """A stand-in for comfy.utils.ProgressBar recording (value, total, preview) updates."""
+
+    def __init__(self, monkeypatch):
+        self.bars = []
+        outer = self
+
+        class ProgressBar:
+            def __init__(self, total):
+                self.total, self.calls = total, []
+                outer.bars.append(self)
+
+            def update_absolute(self, value, total=None, preview=None):
+                self.calls.append((value, total, preview))
+
+        utils = types.ModuleType("comfy.utils")
+        utils.ProgressBar = ProgressBar
+        monkeypatch.setitem(sys.modules, "comfy", types.ModuleType("comfy"))
+        monkeypatch.setitem(sys.modules, "comfy.utils", utils)
+
+
+def test_previews_after_every_scale_and_after_the_residual_stage(model, monkeypatch):
+    recorded = _Bars(monkeypatch)
+    (pos,) = N.text_encode(model, PROMPT)
+    (tokens,) = N.ar_sample(model, pos, 0, 4.5, -1, 0.0, True, "auto", 1, 4)
+    N.residual_diffusion(model, tokens, 8, -1.0, -1)
+    ar, res = recorded.bars
+    assert [c[0] for c in ar.calls] == [1, 2, 3, 4] and all(c[2] is not None for c in ar.calls)
+    fmt, image, max_side = ar.calls[-1][2]
+    assert fmt == "JPEG" and max_side == 512 and image.size == (512, 512)  # the 64px decode upscaled 8x
+    assert [c[2] is not None for c in res.calls] == [False] * 8 + [True]
+    discrete = N.tokenizer_decode(model, tokens, True)[0][0]  # the last scale's preview is the discrete image
+    torch.testing.assert_close(torch.tensor(np.array(image))[::8, ::8].float() / 255, discrete, atol=0.5 / 255, rtol=0)
+    N.generate(model, PROMPT, "", 0, "auto", 8, 4.5, 1)
+    generate_calls = recorded.bars[2].calls  # 4 scales with previews, then the 8 residual steps
+    assert [c[0] for c in generate_calls] == list(range(1, 13))
+    assert [c[2] is not None for c in generate_calls] == [True] * 4 + [False] * 8
+    N.ar_sample(model, pos, 0, 4.5, -1, 0.0, True, "auto", 1, 4, preview=False)
+    N.residual_diffusion(model, tokens, 8, -1.0, -1, preview=False)
+    assert all(c[2] is None for bar in recorded.bars[3:] for c in bar.calls) and len(recorded.bars[3].calls) == 4
+
+
+def test_preview_is_a_low_resolution_decode(model):
+    from hart_pipeline import HARTTokens, decode_tokens
+    from hart_pipeline.preview import preview_images
+
+    vae = model.pipe.vae
+    latent = torch.randn(2, vae.config.latent_channels, 4, 4)
+    exact = decode_tokens(vae, HARTTokens(indices=[], latent=latent))
+    torch.testing.assert_close(preview_images(vae, latent), exact)  # small latents: the decoded image itself
+    big = torch.randn(1, vae.config.latent_channels, 8, 8)  # larger than max_latent_side: pooled first
+    pooled = torch.nn.functional.avg_pool2d(big, 4)
+    preview = preview_images(vae, big, max_latent_side=2)
+    torch.testing.assert_close(preview, decode_tokens(vae, HARTTokens(indices=[], latent=pooled)))
+    assert preview.shape == (1, 3, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def test_node_inputs_are_validated_with_clear_errors(model):
+    (pos,) = N.text_encode(model, PROMPT)
+    ar = dict(seed=0, guidance=4.5, top_k=-1, top_p=0.0, smooth=True, size="auto", batch_size=1, keep_scales=4)
+    for bad, match in [(dict(seed=-5), "`seed`"), (dict(seed=2 ** 64), "`seed`"), (dict(top_p=1.0), "`top_p`"),
+                       (dict(top_p=1.5), "`top_p`"), (dict(guidance=float("nan")), "`guidance`"),
+                       (dict(guidance=float("inf")), "`guidance`"), (dict(top_k=-2), "`top_k`"),
+                       (dict(top_k=2.5), "`top_k`")]:
+        with pytest.raises(ValueError, match=match):
+            N.ar_sample(model, pos, **{**ar, **bad})
+    with pytest.raises(ValueError, match="`seed`"):
+        N.generate(model, PROMPT, "", -1, "auto", 8, 4.5, 1)
+    with pytest.raises(ValueError, match="`guidance`"):
+        N.generate(model, PROMPT, "", 0, "auto", 8, float("nan"), 1)
+    (tokens,) = N.ar_sample(model, pos, **ar)
+    for bad, match in [(dict(seed=-2), "`seed`"), (dict(guidance=float("nan")), "`guidance`"),
+                       (dict(guidance=-0.5), "`guidance`"), (dict(steps=1), "`steps`")]:
+        with pytest.raises(ValueError, match=match):
+            N.residual_diffusion(model, tokens, **{**dict(steps=8, guidance=-1.0, seed=-1), **bad})
+    image = torch.rand(1, 64, 64, 3)
+    with pytest.raises(ValueError, match=r"`image` .*0\.\.255: divide by 255"):
+        N.tokenizer_encode(model, image * 255, "auto")
+    with pytest.raises(ValueError, match="`image` contains NaN"):
+        N.tokenizer_encode(model, torch.where(image > 0.5, float("nan"), image), "auto")
+    with pytest.raises(ValueError, match="`image` must be a ComfyUI IMAGE"):
+        N.tokenizer_encode(model, image[0], "auto")
+    with pytest.raises(ValueError, match="with resize = none it must be square"):
+        N.tokenizer_encode(model, torch.rand(1, 64, 80, 3), "none")
+    (encoded,) = N.tokenizer_encode(model, image, "auto")
+    encoded.tokens.indices[2] = encoded.tokens.indices[2] + 5000
+    with pytest.raises(ValueError, match=r"`tokens` .*codebook has 1024 entries"):
+        N.tokenizer_decode(model, encoded, False)
+    with pytest.raises(ValueError, match=r"`prefix` .*codebook has 1024 entries"):
+        N.ar_sample(model, pos, **ar, prefix=encoded)
+    with pytest.raises(ValueError, match="`dtype`"):
+        N.load_model(N.BUILTIN_MODEL, N.OWN_TEXT_ENCODER, "float64", "cpu", False)
+
+
+# ------------------------------------------------------------------------------------------------ released model
+def _fake_hub(monkeypatch, calls, fail=False):
+    import shutil
+
+    import huggingface_hub
+
+    from conftest import FIXTURES, tiny_text_encoder, tiny_text_tokenizer
+
+    def snapshot_download(repo_id, local_dir, ignore_patterns=None, **kwargs):
+        calls.append(repo_id)
+        if fail:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+        if repo_id == "mit-han-lab/hart-0.7b-1024px":
+            shutil.copytree(os.path.join(FIXTURES, "parity", "tiny4", "official"), local_dir, dirs_exist_ok=True)
+        else:
+            tiny_text_encoder().save_pretrained(local_dir)
+            tiny_text_tokenizer().save_pretrained(local_dir)
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def test_released_model_is_downloaded_converted_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("HART_MODELS_DIR", str(tmp_path))
+    calls = []
+    _fake_hub(monkeypatch, calls)
+    (loaded,) = N.load_model("mit-han-lab/hart-0.7b-1024px", N.OWN_TEXT_ENCODER, "auto", "cpu", False)
+    assert calls == ["mit-han-lab/hart-0.7b-1024px", "mit-han-lab/Qwen2-VL-1.5B-Instruct"]
+    assert (tmp_path / "hart-0.7b-1024px-diffusers" / "model_index.json").is_file()
+    assert loaded.pipe.text_encoder is not None and loaded.pipe.transformer.config.context_dim == 32
+    (cond,) = N.text_encode(loaded, PROMPT)
+    (tokens,) = N.ar_sample(loaded, cond, 0, 4.5, -1, 0.0, True, "auto", 1, 4)
+    assert len(tokens.tokens.indices) == len(loaded.pipe.transformer.config.patch_nums)
+    N.load_model("mit-han-lab/hart-0.7b-1024px", N.OWN_TEXT_ENCODER, "auto", "cpu", False)
+    assert len(calls) == 2  # cached: no second download or conversion
+    assert "hart-0.7b-1024px-diffusers" in N.model_options()
+
+
+def test_released_model_offline_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HART_MODELS_DIR", str(tmp_path))
+    _fake_hub(monkeypatch, [], fail=True)
+    with pytest.raises(RuntimeError, match=r"Could not download mit-han-lab/hart-0\.7b-1024px .*huggingface-cli download"):
+        N.load_model("mit-han-lab/hart-0.7b-1024px", N.OWN_TEXT_ENCODER, "auto", "cpu", False)
+    assert not (tmp_path / "hart-0.7b-1024px-diffusers").exists()
+
+
+# ------------------------------------------------------------------------------------------------ model management
+def test_components_go_through_comfy_model_management(pipe, monkeypatch):
+    """With comfy.model_management present, every stage loads its components with load_models_gpu (so other
+    models' loads and "free memory" can evict them) and the offload switch unloads them after the stage."""
+    events = []
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    class LoadedModel:
+        def __init__(self, patcher):
+            self.model = patcher
+
+        def model_unload(self):
+            events.append(("unload", type(self.model.model.module).__name__))
+            self.model.model.to(self.model.offload_device)
+
+    mm = types.ModuleType("comfy.model_management")
+    mm.current_loaded_models = []
+
+    def load_models_gpu(patchers, force_full_load=False):
+        events.append(("load", sorted(type(p.model.module).__name__ for p in patchers)))
+        for p in patchers:
+            p.model.to(p.load_device)
+            if not any(m.model is p for m in mm.current_loaded_models):
+                mm.current_loaded_models.append(LoadedModel(p))
+
+    mm.load_models_gpu = load_models_gpu
+    mp = types.ModuleType("comfy.model_patcher")
+    mp.ModelPatcher = ModelPatcher
+    for name, module in [("comfy", types.ModuleType("comfy")), ("comfy.model_management", mm),
+                         ("comfy.model_patcher", mp)]:
+        monkeypatch.setitem(sys.modules, name, module)
+    for offload in (False, True):
+        events.clear()
+        handle = HARTModel(pipe=pipe, name="tiny", device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                           dtype=torch.float32, offload=offload)
+        handle.offload_device = torch.device("meta") if offload else handle.device  # observable offload target
+        (pos,) = N.text_encode(handle, PROMPT)
+        assert events[0] == ("load", ["Qwen2Model"])
+        if offload:
+            assert events[1] == ("unload", "Qwen2Model") and pipe.text_encoder.device.type == "meta"
+            pipe.text_encoder.to_empty(device="cpu")
+        else:
+            assert len(events) == 1 and len(mm.current_loaded_models) == 1
+        mm.current_loaded_models.clear()
+    assert isinstance(handle.patcher("vae").model, comfy_nodes.runtime.ManagedModule)
+
+
+# ------------------------------------------------------------------------------------------------ discoverability
+def test_manager_node_list_help_pages_aliases_and_registry_metadata():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    with open(os.path.join(ROOT, "node_list.json")) as f:
+        listed = json.load(f)
+    assert listed == {s.node_id: s.description for s in N.NODE_SPECS}, (  # what ComfyUI-Manager's scanner reads
+        "regenerate node_list.json: {node_id: description} of comfy_nodes.nodes.NODE_SPECS")
+    docs = os.path.join(comfy_nodes.WEB_DIRECTORY, "docs")
+    assert sorted(os.listdir(docs)) == sorted(f"{s.node_id}.md" for s in N.NODE_SPECS)
+    for spec in N.NODE_SPECS:
+        with open(os.path.join(docs, f"{spec.node_id}.md")) as f:
+            page = f.read()
+        assert page.startswith(f"# {spec.display_name}\n")
+        missing = [i.name for i in spec.inputs if f"**{i.name}**" not in page]
+        assert not missing, (spec.node_id, missing)  # every input is explained
+        assert spec.search_aliases and CLASSIC[spec.node_id].SEARCH_ALIASES == list(spec.search_aliases)
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    comfy = project["tool"]["comfy"]
+    assert comfy["Icon"].endswith("comfy_nodes/web/icon.svg") and os.path.isfile(os.path.join(ROOT, "comfy_nodes/web/icon.svg"))
+    assert comfy["requires-comfyui"].startswith(">=") and comfy["PublisherId"] and comfy["DisplayName"]
+    assert "Operating System :: OS Independent" in project["project"]["classifiers"]
