@@ -89,9 +89,13 @@ def check_pipeline_folder(path: str, components: Iterable[str]) -> None:
 
 
 def check_finite(component: str, model: torch.nn.Module) -> None:
-    """Every parameter and buffer is finite (a corrupted file often decodes to NaN or inf)."""
+    """Every parameter and buffer is finite (a corrupted file often decodes to NaN or inf).
+
+    Quantized weights (tensor subclasses of a quantization backend, e.g. torchao's Int8Tensor) are not
+    plain tensors and are left out."""
     bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
-           if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())]
+           if type(t.data) is torch.Tensor and t.is_floating_point() and t.device.type != "meta"
+           and not bool(torch.isfinite(t).all())]
     if bad:
         raise ComponentLoadError(f"{component}: the weights {_shown(bad)} contain NaN or infinite values; the weight "
                                  "file is corrupt or was saved from a diverged model.")

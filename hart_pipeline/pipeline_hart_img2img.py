@@ -13,6 +13,7 @@ import torch
 
 from .pipeline_hart import HARTPipeline, HARTPipelineOutput
 from .sampling import add_residual, decode_tokens, edit_tokens, encode_images
+from .validation import check_finite_output
 
 PipelineImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray],
                            List[torch.Tensor]]
@@ -24,7 +25,7 @@ EXAMPLE_DOC_STRING = """
         >>> from PIL import Image
         >>> from hart_pipeline import HARTPipeline, HARTImg2ImgPipeline
 
-        >>> pipe = HARTPipeline.from_pretrained("path/to/hart-0.7b-1024px-diffusers", torch_dtype=torch.bfloat16).to("cuda")
+        >>> pipe = HARTPipeline.from_pretrained("path/to/hart-0.7b-1024px-diffusers", dtype=torch.bfloat16).to("cuda")
         >>> img2img = HARTImg2ImgPipeline.from_pipe(pipe)  # same components, no reload
         >>> image = Image.open("photo.png").convert("RGB").resize((1024, 1024))
         >>> out = img2img("a watercolor painting", image=image, strength=0.6, generator=torch.Generator().manual_seed(0))
@@ -87,16 +88,12 @@ class HARTImg2ImgPipeline(HARTPipeline):
         """Shared by image-to-image and inpainting: encode the images (N, 3, S, S) in [0, 1], teacher-force what
         is kept (outside ``mask`` (N, 1, S, S), 1 = repaint, and the first scales), sample the rest."""
         side = originals.shape[-1]
-        self.check_inputs(prompt, negative_prompt, side, side, num_inference_steps, guidance_scale, top_k, top_p,
-                          num_images_per_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
-                          output_type, None)
-        if isinstance(generator, list):
-            if len(generator) != 1:
-                raise ValueError("HART draws every image of a batch from one stream: pass a single torch.Generator.")
-            generator = generator[0]
-        if isinstance(negative_prompt, str):
-            batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-            negative_prompt = [negative_prompt] * batch
+        checked = self.check_inputs(
+            prompt, negative_prompt, side, side, num_inference_steps, guidance_scale, top_k, top_p,
+            num_images_per_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds, output_type, None,
+            negative_prompt_attention_mask, generator, smooth, return_dict, None, max_sequence_length)
+        (num_inference_steps, guidance_scale, top_k, top_p, num_images_per_prompt, generator,
+         max_sequence_length) = checked[2:]
         device = self._execution_device
         embeds, positions, neg_embeds, neg_positions = self.encode_prompt(
             prompt, negative_prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask,
@@ -111,19 +108,22 @@ class HARTImg2ImgPipeline(HARTPipeline):
 
         num_scales = len(patch_nums)
         with self.progress_bar(total=num_scales + num_inference_steps * max(1, int(num_maskgit_iters))) as progress:
+            def tick(*_) -> None:  # returns None: the stages' callbacks may replace what a callback returns
+                progress.update()
+
             tokens = edit_tokens(
                 self.transformer, self.vae, image_tokens, embeds, positions, strength=strength, repaint_mask=mask,
                 negative_context=neg_embeds, negative_position_ids=neg_positions, guidance_scale=guidance_scale,
                 top_k=top_k, top_p=top_p, smooth=smooth, generator=generator, num_maskgit_iters=num_maskgit_iters,
-                callback=lambda *_: progress.update(),
+                callback=tick,
             )
             tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
-                                  generator=generator, callback=lambda *_: progress.update())
+                                  generator=generator, callback=tick)
 
         if output_type == "latent":
             images = tokens
         else:
-            images = decode_tokens(self.vae, tokens).float()  # [0, 1]
+            images = check_finite_output("images", decode_tokens(self.vae, tokens).float())  # [0, 1]
             if blend_original and mask is not None:
                 images = mask * images + (1 - mask) * originals.float()
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))

@@ -26,7 +26,7 @@ EXAMPLE_DOC_STRING = """
         >>> from PIL import Image
         >>> from hart_pipeline import HARTPipeline, HARTInpaintPipeline
 
-        >>> pipe = HARTPipeline.from_pretrained("path/to/hart-0.7b-1024px-diffusers", torch_dtype=torch.bfloat16).to("cuda")
+        >>> pipe = HARTPipeline.from_pretrained("path/to/hart-0.7b-1024px-diffusers", dtype=torch.bfloat16).to("cuda")
         >>> inpaint = HARTInpaintPipeline.from_pipe(pipe)
         >>> image = Image.open("photo.png").convert("RGB").resize((1024, 1024))
         >>> mask = Image.open("mask.png").convert("L").resize((1024, 1024))  # white = repaint

@@ -153,7 +153,8 @@ def test_callback_may_return_none_or_new_latents(pipe):
         return None if step % 2 else {"latents": kwargs["latents"].clone()}
 
     images = _call(pipe, output_type="np", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
-    assert calls == list(range(len(pipe.transformer.config.patch_nums)))
+    assert calls == list(range(pipe.num_timesteps))  # every scale, then every residual step
+    assert pipe.num_timesteps > len(pipe.transformer.config.patch_nums)
     assert np.isfinite(images).all()
 
 
