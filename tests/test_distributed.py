@@ -29,9 +29,12 @@ def launch(module_args, cwd, processes: int = 2) -> str:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port), "-m", *module_args]
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout + out.stderr
+    with open(os.path.join(cwd, "launch.log"), "w") as log:  # a file, not a pipe: nothing can block on output
+        code = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode
+    with open(os.path.join(cwd, "launch.log")) as log:
+        output = log.read()
+    assert code == 0, output[-5000:]
+    return output
 
 
 def test_two_process_training_stays_in_sync_resumes_and_loads(tmp_path):
