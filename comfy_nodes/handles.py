@@ -30,6 +30,9 @@ class HARTModel:
     offload_device: torch.device
     dtype: torch.dtype
     offload: bool = False
+    # LoRA adapters active for this handle: (adapter name, weight). Handles made by HART LoRA Loader share the
+    # pipeline of the loader's handle, so every stage activates its own handle's set (none = LoRA off).
+    adapters: Tuple[Tuple[str, float], ...] = ()
 
     patchers: Dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -55,6 +58,7 @@ class HARTModel:
             patchers = []
             for c in names:
                 getattr(self.pipe, c).to(self.device)
+        self.activate_adapters()
         try:
             yield self.pipe
         finally:
@@ -65,6 +69,16 @@ class HARTModel:
                     for c in names:
                         getattr(self.pipe, c).to(self.offload_device)
                     runtime.soft_empty_cache()
+
+    def activate_adapters(self) -> None:
+        """Make exactly this handle's LoRA adapters active on the shared pipeline (all off for a plain handle)."""
+        if not any(self.pipe.get_list_adapters().values()):
+            return
+        if self.adapters:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([name for name, _ in self.adapters], [weight for _, weight in self.adapters])
+        else:
+            self.pipe.disable_lora()
 
     def preview(self, latent: torch.Tensor) -> torch.Tensor:
         """A low-resolution decode (1, 3, h, w) in [0, 1] of the first image's running latent (the one ComfyUI

@@ -6,7 +6,9 @@ No algorithm lives here: text encoding is ``HARTPipeline.encode_prompt``, sampli
 ``generate_tokens`` / ``add_residual``, decoding ``decode_tokens``, tokenization ``vae.encode``.
 """
 
-from dataclasses import dataclass, field
+import hashlib
+import os
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -392,6 +394,22 @@ def inpaint(model: HARTModel, positive: HARTConditioning, image: torch.Tensor, m
                        preview)
 
 
+# ------------------------------------------------------------------------------------------------- LoRA
+def load_lora(model: HARTModel, lora_name: str, strength: float) -> Tuple[HARTModel]:
+    """A HART_MODEL with one more LoRA adapter (transformer and residual head) at ``strength``.
+
+    The adapter is loaded once into the shared pipeline (named after the file and its modification time);
+    the returned handle activates it, with the adapters of ``model``, at every stage."""
+    check_number("strength", strength, -10.0, 10.0)
+    path = runtime.resolve_lora(lora_name)
+    stat = os.stat(path)
+    name = "hart_lora_" + hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    if not any(name in adapters for adapters in model.pipe.get_list_adapters().values()):
+        model.pipe.load_lora_weights(path, adapter_name=name)
+    adapters = tuple((n, w) for n, w in model.adapters if n != name) + ((name, float(strength)),)
+    return (replace(model, adapters=adapters),)
+
+
 # ------------------------------------------------------------------------------------------------- the specs
 MODEL_IN = In("model", HART_MODEL, "The HART model from HART Loader.")
 SEED_TIP = "Random seed. The same seed gives the same image as HARTPipeline(generator=torch.Generator().manual_seed(seed))."
@@ -524,6 +542,20 @@ NODE_SPECS: List[NodeSpec] = [
         search_aliases=("hart text to image", "hart txt2img", "hart pipeline"),
     ),
 ]
+
+NODE_SPECS.append(NodeSpec(
+    "HARTLoraLoader", "HART LoRA Loader",
+    "Apply a HART LoRA (the trainer's --lora_rank output, diffusers' key format) to the transformer and the residual "
+    "head; chain loaders to combine adapters.",
+    [MODEL_IN,
+     In("lora_name", "COMBO", "A .safetensors LoRA file in ComfyUI/models/loras (or $HART_LORAS_DIR).",
+        options=runtime.list_loras),
+     In("strength", "FLOAT", "Adapter weight: 1 = as trained, 0 = off, negative values invert it.", default=1.0,
+        min=-10.0, max=10.0, step=0.05)],
+    [Out(HART_MODEL, "model", "The model with the adapter active (the input model keeps its own adapters).")],
+    load_lora,
+    search_aliases=("hart lora", "lora loader hart", "hart adapter"),
+))
 
 _EDIT_IN = [
     In("seed", "INT", SEED_TIP, default=0, min=0, max=MAX_SEED, control_after_generate=True),

@@ -9,7 +9,7 @@ from .nodes import NODE_SPECS, In, NodeSpec
 def classic_input(i: In) -> tuple:
     """``INPUT_TYPES`` entry: ``(type or combo options, {options})``."""
     opts = {"tooltip": i.tooltip}
-    if i.is_widget:
+    if i.is_widget and i.default is not None:  # a file list may be empty: no default, the frontend takes the first
         opts["default"] = i.default
     for key in ("min", "max", "step"):
         if getattr(i, key) is not None:

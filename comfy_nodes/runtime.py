@@ -217,6 +217,41 @@ def resolve_folder(name: str) -> str:
     )
 
 
+def lora_roots() -> List[str]:
+    """Folders searched for HART LoRA files: ComfyUI's ``loras`` paths, plus ``$HART_LORAS_DIR``."""
+    roots: List[str] = []
+    fp = _module("folder_paths")
+    if fp is not None:
+        try:
+            roots.extend(fp.get_folder_paths("loras"))
+        except Exception:
+            pass
+    if os.environ.get("HART_LORAS_DIR"):
+        roots.append(os.environ["HART_LORAS_DIR"])
+    return [r for r in dict.fromkeys(roots)]
+
+
+def list_loras() -> List[str]:
+    """'/'-separated names of the ``.safetensors`` files under the LoRA folders (what the trainer writes)."""
+    found: List[str] = []
+    for root in lora_roots():
+        for folder, _, files in os.walk(root):
+            for file in sorted(files):
+                if file.endswith(".safetensors"):
+                    found.append(os.path.relpath(os.path.join(folder, file), root).replace(os.sep, "/"))
+    return sorted(dict.fromkeys(found))
+
+
+def resolve_lora(name: str) -> str:
+    """Absolute path of a LoRA file listed by :func:`list_loras`."""
+    for root in lora_roots():
+        path = os.path.join(root, *name.split("/"))
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"HART LoRA {name!r} not found in {lora_roots() or ['(no loras folder registered)']}; put "
+                            "the trainer's pytorch_lora_weights.safetensors (renamed as you like) in ComfyUI/models/loras/.")
+
+
 def folder_sizes(folder: str) -> List[int]:
     """Image sides a diffusers-layout HART folder supports, read from its configs ([] when unreadable)."""
     from hart_pipeline.schedules import supported_sizes
