@@ -34,8 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMFYUI = os.environ.get("COMFYUI_PATH")
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run this test")]
-HART_NODES = ["HARTLoader", "HARTTextEncode", "HARTEmptyConditioning", "HARTTokenizerEncode", "HARTTokenizerDecode",
-              "HARTARSampler", "HARTResidualDiffusion", "HARTGenerate"]
+with open(os.path.join(ROOT, "node_list.json")) as _f:  # every node of the pack (test_comfy_nodes keeps it current)
+    HART_NODES = list(json.load(_f))
 PREVIEW_EVENTS = (1, 4)  # BinaryEventTypes.PREVIEW_IMAGE and PREVIEW_IMAGE_WITH_METADATA
 
 
