@@ -5,7 +5,8 @@ index space whose random streams, ``seed * 1_000_003 + index``, do not overlap t
 0 and 1) and keep each caption that is new and not among the captions of the shipped transformer's training
 stream (data seed 1, 5,000 items; the tokenizer never sees captions), one third per layout (single object,
 two objects in a relation, 2-3 identical objects; the layout read by the checker's prompt parser), until
-``NUM_PROMPTS`` prompts are kept. Each entry keeps its dataset index so that the real scene can be rendered
+``NUM_PROMPTS`` prompts are kept; they are stored in round-robin layout order, so any first N are
+balanced. Each entry keeps its dataset index so that the real scene can be rendered
 for the checker's ceiling.
 
 Training cannot see them: the transformer trainer's ``--exclude_prompts examples/eval/heldout_prompts.json``
@@ -64,6 +65,9 @@ def build(num_prompts: int = NUM_PROMPTS, seed: int = HELDOUT_SEED,
             quota[kind] -= 1
             prompts.append({"index": index, "layout": kind, "prompt": caption})
         index += 1
+    by_layout = [[p for p in prompts if p["layout"] == name] for name in ("single", "relation", "count")]
+    prompts = [p for group in zip(*by_layout) for p in group] + by_layout[0][len(by_layout[2]):]  # round robin:
+    # any first N prompts are balanced across layouts
     return {"data_seed": seed, "excluded_streams": [{"data_seed": s, "num_samples": n} for s, n in excluded],
             "procedure": "examples/eval/heldout.py", "prompts": prompts}
 
