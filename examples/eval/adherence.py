@@ -5,8 +5,9 @@ Independent of the training data generator: the expectations come from parsing t
 
 1. background = median colour of the border pixels;
 2. objects = connected components of pixels far from the background (small specks dropped);
-3. each object: colour = nearest palette colour (CIELAB distance) of its median pixel, shape = circle /
-   square / triangle from the fill ratio of its bounding box, centroid (x right, y down, in [0, 1]).
+3. each object: colour = nearest palette colour (CIELAB distance) of its median pixel, shape = triangle if
+   its top quarter is much narrower than its bottom quarter, else square / circle from the fill ratio of its
+   bounding box, centroid (x right, y down, in [0, 1]).
 
 ``score_image`` returns per-criterion results (1.0 / 0.0, or None where a criterion does not apply):
 ``colour`` (single-object prompts), ``both_colours`` (two-object prompts), ``relation`` (above / below /
@@ -112,6 +113,16 @@ class DetectedObject:
     pixels: int
 
 
+def _classify_shape(mask: np.ndarray) -> str:
+    """Triangle (apex up) if its top quarter is much narrower than its bottom quarter; else square / circle by
+    how much of the bounding box it fills (square 1, circle pi/4)."""
+    widths = mask.sum(axis=1).astype(np.float64)  # (h,) row widths
+    quarter = max(1, len(widths) // 4)
+    if widths[:quarter].mean() < 0.6 * widths[-quarter:].mean():
+        return "triangle"
+    return "square" if mask.mean() > 0.87 else "circle"
+
+
 def find_objects(image: np.ndarray, min_fraction: float = 0.004) -> List[DetectedObject]:
     """Objects of an (H, W, 3) uint8 image, largest first (components of at least ``min_fraction`` of the image)."""
     if image.ndim != 3 or image.shape[2] != 3:
@@ -131,8 +142,7 @@ def find_objects(image: np.ndarray, min_fraction: float = 0.004) -> List[Detecte
         core = pixels[box][mask]
         lab = _srgb_to_lab(np.median(core, axis=0))
         colour = PALETTE_NAMES[int(np.linalg.norm(PALETTE_LAB - lab, axis=-1).argmin())]
-        fill = area / mask.size
-        shape = "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
+        shape = _classify_shape(mask)
         ys, xs = np.nonzero(mask)
         centre = ((xs.mean() + box[1].start + 0.5) / w, (ys.mean() + box[0].start + 0.5) / h)
         objects.append(DetectedObject(colour, shape, centre, area))
