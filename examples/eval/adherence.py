@@ -13,7 +13,8 @@ Independent of the training data generator: the expectations come from parsing t
 ``colour`` (single-object prompts), ``both_colours`` (two-object prompts), ``relation`` (above / below /
 left of / right of), ``count`` (1-3 objects, every prompt), ``shape`` (every named object), ``position``
 (single-object prompts naming a place). The only domain knowledge shared with the generator is the palette
-(colour names -> RGB), since the checker has to know what "red" looks like in this domain.
+(colour names -> RGB), since the checker has to know what "red" looks like in this domain. Needs scipy
+(in the ``test`` extra).
 """
 
 import re
