@@ -170,8 +170,9 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
     prompts = [e["prompt"] for e in entries]
     size = pipe.default_size
     scenes = SyntheticShapesDataset(10 ** 7, size, heldout["data_seed"])
-    real = torch.stack([scenes.item(e["index"]).image for e in entries])
-    if [scenes.item(e["index"]).caption for e in entries[:4]] != prompts[:4]:
+    items = [scenes.item(e["index"]) for e in entries]
+    real = torch.stack([it.image for it in items])  # the real scenes of the prompts: ceilings and Fréchet reference
+    if [it.caption for it in items] != prompts:
         raise ValueError(f"{heldout_path} does not match SyntheticShapesDataset(seed={heldout['data_seed']}): rebuild it")
 
     start, per_seed, sheet = time.time(), {"with_residual": [], "discrete_only": []}, []
