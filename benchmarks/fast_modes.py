@@ -5,9 +5,9 @@ Modes (arguments of ``HARTPipeline.__call__`` / ``generate_tokens``; the default
 * ``token_pruning={side: fraction}`` (FastVAR, arXiv 2503.23367): only the pivotal tokens of those scales
   run through the transformer, the others are restored from the previous scale.
 
-For every mode and held-out caption of the synthetic shapes domain (seeded, the same for every mode) it prints
-the seconds per image (text encoding excluded: computed once per caption), the programmatic prompt adherence
-of examples/eval/evaluate.py (colour / position / count) and the consistency with the default sampler (mean
+For every mode and held-out prompt of examples/eval/heldout_prompts.json (seeded, the same for every mode) it
+prints the seconds per image (text encoding excluded: computed once per prompt), the prompt adherence of the
+independent checker examples/eval/adherence.py (colour, both colours, relation, count, shape, position) and the consistency with the default sampler (mean
 absolute pixel difference to the default image of the same seed, in [0, 1]).
 
     python benchmarks/fast_modes.py [--model PATH] [--num-prompts 32] [--threads 2] [--repeats 1]
@@ -25,11 +25,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples", "eval"))
 
-from evaluate import adherence, mean_scores, to_uint8  # noqa: E402
+from adherence import mean_scores, score_image  # noqa: E402
+from evaluate import to_uint8  # noqa: E402
+from heldout import load_heldout  # noqa: E402
 
 from hart_pipeline import HARTPipeline, add_residual, decode_tokens, generate_tokens  # noqa: E402
 from hart_pipeline.default_model import load_default_pipeline  # noqa: E402
-from hart_pipeline.training.data import SyntheticShapesDataset  # noqa: E402
 
 
 def modes(patch_nums):
@@ -52,7 +53,6 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="HART pipeline folder (default: the built-in model)")
     parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--data-seed", type=int, default=12345, help="held-out captions (training used 0 and 1)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per image (the fastest is kept)")
     args = parser.parse_args(argv)
@@ -60,8 +60,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     pipe = load_default_pipeline() if args.model is None else HARTPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    items = [SyntheticShapesDataset(args.num_prompts, pipe.default_size, args.data_seed)[i] for i in range(args.num_prompts)]
-    prompts = [pipe.encode_prompt(item["caption"])[:2] for item in items]
+    items = [entry["prompt"] for entry in load_heldout()["prompts"][:args.num_prompts]]
+    prompts = [pipe.encode_prompt(item)[:2] for item in items]
     patch_nums = tuple(pipe.transformer.config.patch_nums)
 
     def sample(embeds, positions, seed, kwargs):
@@ -80,10 +80,10 @@ def main(argv=None) -> None:
                 best = min(best, time.perf_counter() - start)
             seconds += best
             images.append(image)
-        scores = mean_scores([adherence(to_uint8(im), item["attributes"]) for im, item in zip(images, items)])
+        scores = mean_scores([score_image(to_uint8(im * 2 - 1), item) for im, item in zip(images, items)])
         reference = reference or images
         diff = float(np.mean([(a - b).abs().mean().item() for a, b in zip(images, reference)]))
-        report[name] = {"seconds_per_image": round(seconds / len(items), 4), **{k: round(v, 3) for k, v in scores.items()},
+        report[name] = {"seconds_per_image": round(seconds / len(items), 4), **{k: None if v is None else round(v, 3) for k, v in scores.items()},
                         "mean_abs_diff_to_default": round(diff, 4)}
         print(f"{name:55s} {report[name]}", flush=True)
     base = report["official (default)"]["seconds_per_image"]

@@ -206,6 +206,17 @@ def trained_tokenizer(tmp_path_factory):
     return os.path.join(folder, "vae")
 
 
+def test_discrete_only_tokenizer_never_feeds_the_continuous_latent(tmp_path):
+    from hart_pipeline.training import train_tokenizer
+
+    out = str(tmp_path / "tok")
+    train_tokenizer.main(COMMON + TOKENIZER_ARGS + ["--output_dir", out, "--train_steps", "3", "--continuous_prob", "1.0",
+                                                   "--discrete_only", "--eval_every", "3", "--eval_samples", "2"])
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        assert [json.loads(line)["continuous_frac"] for line in f] == [0.0, 0.0, 0.0]
+    assert os.path.exists(os.path.join(out, "vae", "diffusion_pytorch_model.safetensors"))
+
+
 def _files(root):
     return [os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files]
 

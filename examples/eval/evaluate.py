@@ -1,26 +1,42 @@
 """Small-scale counterparts of the HART paper's Table 1 / Table 5 on the synthetic shapes domain.
 
-1. Tokenizer reconstruction, discrete-only vs hybrid: PSNR, and a Fréchet distance between features of
-   real and reconstructed images (features of a fixed, seeded random CNN: a network available offline;
-   absolute values are not comparable to Inception FID, the discrete/hybrid comparison is).
-2. Prompt adherence of generations, with and without the residual stage, measured programmatically on
-   held-out captions whose scene layout is known: is each asked colour present, is each object where
-   the caption puts it (left/right/top/bottom/center or relative to the other object), is the count right.
+1. Tokenizer reconstruction (Table 1): PSNR and a Fréchet distance between features of held-out real images
+   and of their discrete-only / hybrid reconstructions, for one or more tokenizers (``--vaes``: e.g. three
+   training seeds of the hybrid tokenizer, or of a ``--discrete_only`` one; mean ± std over them). The
+   features are those of a fixed, seeded random CNN (available offline): absolute values are not comparable
+   to Inception FID, comparisons between tokenizers are.
+2. Generation (Table 5): prompt adherence (the independent checker of ``adherence.py`` on the fixed held-out
+   prompts of ``heldout_prompts.json``) and the Fréchet distance to the real scenes of those prompts, with
+   and without the residual stage, mean ± std over sampling seeds. Ceilings: the checker on the real
+   rendered scenes and on the tokenizer's reconstructions of them.
 
-    python examples/eval/evaluate.py                     # the built-in default model
-    python examples/eval/evaluate.py --model runs/hart   # a trained pipeline folder
+Writes ``<output-dir>/contact_sheet.png`` (prompts x seeds, with the residual stage), ``report.md`` and
+``report.json``.
+
+    python examples/eval/evaluate.py                                  # the built-in model, 48 prompts x 3 seeds
+    python examples/eval/evaluate.py --model runs/hart --num-prompts 256 --num-images 512
+    python examples/eval/evaluate.py --model runs/hart --vaes runs/tok_s0/vae runs/tok_s1/vae runs/tok_s2/vae
 """
 
 import argparse
 import json
+import os
+import sys
+import textwrap
 import time
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
-from hart_pipeline import HARTPipeline, add_residual, decode_tokens, generate_tokens
-from hart_pipeline.default_model import load_default_pipeline
-from hart_pipeline.training.data import BACKGROUNDS, COLOURS, SyntheticShapesDataset, collate
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from adherence import CRITERIA, mean_scores, score_image  # noqa: E402
+from heldout import HELDOUT_PATH, load_heldout  # noqa: E402
+
+from hart_pipeline import HARTHybridTokenizer, HARTPipeline, add_residual, decode_tokens, generate_tokens  # noqa: E402
+from hart_pipeline.default_model import load_default_pipeline  # noqa: E402
+from hart_pipeline.training.data import SyntheticShapesDataset, collate  # noqa: E402
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,6 +56,7 @@ def random_features(images: torch.Tensor) -> np.ndarray:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two (N, D) feature sets."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     vals, vecs = np.linalg.eigh(cov_a)
@@ -48,119 +65,170 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
 
 
-@torch.no_grad()
-def reconstruction(pipe: HARTPipeline, images: torch.Tensor) -> dict:
-    vae = pipe.vae
-    tokens = vae.encode(images.to(vae.device, vae.dtype))
-    discrete = vae.decode(tokens.indices).sample.float().cpu()
-    hybrid = vae.decode(tokens.indices, tokens.residual).sample.float().cpu()
-    real = random_features(images)
-    return {
-        "psnr_discrete": psnr(discrete, images), "psnr_hybrid": psnr(hybrid, images),
-        "fd_discrete": frechet_distance(real, random_features(discrete)),
-        "fd_hybrid": frechet_distance(real, random_features(hybrid)),
-    }
-
-
-PALETTE = list(COLOURS) + [f"background{i}" for i in range(len(BACKGROUNDS))]
-PALETTE_RGB = np.array(list(COLOURS.values()) + list(BACKGROUNDS), dtype=np.float64)
-
-
-def colour_mask(image: np.ndarray, colour: str) -> np.ndarray:
-    """Pixels (H, W) whose nearest palette entry (the dataset's colours and backgrounds) is ``colour``."""
-    nearest = np.linalg.norm(image.astype(np.float64)[:, :, None] - PALETTE_RGB, axis=-1).argmin(-1)
-    return nearest == PALETTE.index(colour)
-
-
-def components(mask: np.ndarray, min_pixels: int) -> int:
-    """Number of 4-connected blobs of at least ``min_pixels`` pixels."""
-    seen, count = np.zeros_like(mask, dtype=bool), 0
-    for y, x in zip(*np.nonzero(mask)):
-        if seen[y, x]:
-            continue
-        stack, size = [(y, x)], 0
-        seen[y, x] = True
-        while stack:
-            cy, cx = stack.pop()
-            size += 1
-            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
-                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    stack.append((ny, nx))
-        count += size >= min_pixels
-    return count
-
-
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
-    return (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    return ((image.float().clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).cpu().numpy().astype(np.uint8)
 
 
-def mean_scores(rows) -> dict:
-    return {m: float(np.mean([r[m] for r in rows])) for m in ("colour", "position", "count")}
-
-
-def adherence(image: np.ndarray, attributes) -> dict:
-    """Colour / position / count checks of one (H, W, 3) uint8 image against its scene attributes."""
-    size = image.shape[0]
-    min_pixels = max(4, size * size // 400)
-    colour_ok, position_ok, centres = [], [], []
-    for shape, colour, cx, cy in attributes:
-        mask = colour_mask(image, colour)
-        found = mask.sum() >= min_pixels
-        colour_ok.append(found)
-        if found:
-            ys, xs = np.nonzero(mask)
-            centre = (xs.mean() / size, ys.mean() / size)
-            position_ok.append(abs(centre[0] - cx) < 0.25 and abs(centre[1] - cy) < 0.25)
-        else:
-            position_ok.append(False)
-    colours = {a[1] for a in attributes}
-    count_ok = all(components(colour_mask(image, c), min_pixels) == sum(a[1] == c for a in attributes)
-                   for c in colours)
-    return {"colour": float(np.mean(colour_ok)), "position": float(np.mean(position_ok)), "count": float(count_ok)}
+def mean_std(values: Sequence[Optional[float]]) -> Dict[str, Optional[float]]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
 @torch.no_grad()
-def generation(pipe: HARTPipeline, items, seed: int, guidance_scale: float) -> dict:
-    scores = {"with_residual": [], "discrete_only": []}
+def reconstruction(vae: HARTHybridTokenizer, images: torch.Tensor, batch_size: int = 64) -> Dict[str, float]:
+    """PSNR and Fréchet distance of the discrete-only and hybrid reconstructions of (N, 3, H, W) images."""
+    discrete, hybrid = [], []
+    for s in range(0, len(images), batch_size):
+        tokens = vae.encode(images[s:s + batch_size].to(vae.device, vae.dtype))
+        discrete.append(vae.decode(tokens.indices).sample.float().cpu())
+        hybrid.append(vae.decode(tokens.indices, tokens.residual).sample.float().cpu())
+    discrete, hybrid, real = torch.cat(discrete), torch.cat(hybrid), random_features(images)
+    return {"psnr_discrete": psnr(discrete, images), "psnr_hybrid": psnr(hybrid, images),
+            "fd_discrete": frechet_distance(real, random_features(discrete)),
+            "fd_hybrid": frechet_distance(real, random_features(hybrid))}
+
+
+@torch.no_grad()
+def generate(pipe: HARTPipeline, prompts: List[str], seed: int, guidance_scale: float, batch_size: int = 16):
+    """Images (N, 3, H, W) in [-1, 1] with and without the residual stage, from the same tokens."""
     g = torch.Generator().manual_seed(seed)
-    start = time.time()
-    for item in items:
-        embeds, positions, _, _ = pipe.encode_prompt(item["caption"])
+    out = {"with_residual": [], "discrete_only": []}
+    for s in range(0, len(prompts), batch_size):
+        embeds, positions, _, _ = pipe.encode_prompt(prompts[s:s + batch_size])
         tokens = generate_tokens(pipe.transformer, pipe.vae, embeds, positions, guidance_scale=guidance_scale, generator=g)
         tokens = add_residual(tokens, pipe.residual_head, pipe.scheduler, generator=g)
         for key, discrete_only in (("with_residual", False), ("discrete_only", True)):
-            image = decode_tokens(pipe.vae, tokens, discrete_only=discrete_only)[0]
-            scores[key].append(adherence(to_uint8(image), item["attributes"]))
-    result = {key: mean_scores(rows) for key, rows in scores.items()}
-    # ceilings: the checker on the real images and on the tokenizer's hybrid reconstructions of them
-    real = torch.stack([item["image"] for item in items])
-    recon = pipe.vae.decode(*pipe.vae.encode(real.to(pipe.vae.device, pipe.vae.dtype), return_dict=False)).sample
-    result["real_images"] = mean_scores([adherence(to_uint8(im * 0.5 + 0.5), it["attributes"]) for im, it in zip(real, items)])
-    result["tokenizer_reconstructions"] = mean_scores(
-        [adherence(to_uint8(im * 0.5 + 0.5), it["attributes"]) for im, it in zip(recon, items)])
-    result["seconds_per_image"] = (time.time() - start) / len(items)
+            out[key].append(decode_tokens(pipe.vae, tokens, discrete_only=discrete_only).float().cpu() * 2 - 1)
+    return {key: torch.cat(v) for key, v in out.items()}
+
+
+def contact_sheet(rows: List[List[np.ndarray]], labels: List[str], columns: List[str], path: str) -> None:
+    """A PNG grid: one row per prompt (its text on the left), one column per sampling seed."""
+    size = rows[0][0].shape[0]
+    scale = max(1, 96 // size)
+    cell, label_w, head_h = size * scale + 4, 330, 18
+    sheet = Image.new("RGB", (label_w + cell * len(columns), head_h + cell * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for j, name in enumerate(columns):
+        draw.text((label_w + j * cell + 2, 3), name, fill=(0, 0, 0))
+    for i, (label, images) in enumerate(zip(labels, rows)):
+        y = head_h + i * cell
+        draw.multiline_text((4, y + 4), "\n".join(textwrap.wrap(label, 52)[:5]), fill=(0, 0, 0))
+        for j, image in enumerate(images):
+            tile = Image.fromarray(image).resize((size * scale, size * scale), Image.NEAREST)
+            sheet.paste(tile, (label_w + j * cell + 2, y + 2))
+    sheet.save(path)
+
+
+def write_report(result: Dict, path: str) -> None:
+    """The markdown report: per-criterion adherence (mean ± std over seeds) and the Fréchet / PSNR figures."""
+    def fmt(stat: Dict[str, Optional[float]], digits: int = 2) -> str:
+        if stat["mean"] is None:
+            return "-"
+        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+    a = result["adherence"]
+    lines = [f"# Evaluation of `{result['model']}`", "",
+             f"{result['num_prompts']} held-out prompts (`{os.path.basename(result['heldout'])}`) x sampling seeds "
+             f"{result['seeds']}, guidance {result['guidance_scale']}; mean ± std over seeds "
+             "(ceilings: one deterministic value).", "",
+             "| prompt adherence | " + " | ".join(CRITERIA) + " | Fréchet distance |",
+             "|---|" + "---|" * (len(CRITERIA) + 1)]
+    for key, name in (("with_residual", "generated, with the residual stage"),
+                      ("discrete_only", "generated, discrete tokens only")):
+        lines.append(f"| {name} | " + " | ".join(fmt(a[key][c]) for c in CRITERIA)
+                     + f" | {fmt(result['frechet'][key], 4)} |")
+    for key, name in (("tokenizer_reconstructions", "tokenizer reconstructions of the real scenes"),
+                      ("real_images", "real scenes (ceiling of the checker)")):
+        lines.append(f"| {name} | " + " | ".join("-" if a[key][c] is None else f"{a[key][c]:.2f}" for c in CRITERIA)
+                     + " | - |")
+    r = result["reconstruction"]
+    lines += ["", f"Tokenizer reconstruction of {r['num_images']} held-out images, mean ± std over "
+              f"{len(r['vaes'])} tokenizer(s) ({', '.join(r['vaes'])}):", "",
+              "| decoding | PSNR (dB) | Fréchet distance (random-CNN features) |", "|---|---|---|",
+              f"| discrete only | {fmt(r['psnr_discrete'])} | {fmt(r['fd_discrete'], 5)} |",
+              f"| hybrid (discrete + residual) | {fmt(r['psnr_hybrid'])} | {fmt(r['fd_hybrid'], 5)} |", "",
+              f"Generation: {result['seconds_per_image']:.2f} s per image (both decodings included).", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: int, seeds: Sequence[int],
+             guidance_scale: float, num_images: int, vaes: Sequence[str] = (), sheet_prompts: int = 8,
+             heldout_path: str = HELDOUT_PATH) -> Dict:
+    """Run both evaluations and write the contact sheet, ``report.md`` and ``report.json`` into ``output_dir``."""
+    if len(seeds) < 1 or num_prompts < 1:
+        raise ValueError("evaluate needs at least one sampling seed (--seeds) and one prompt (--num-prompts)")
+    heldout = load_heldout(heldout_path)
+    if num_prompts > len(heldout["prompts"]):
+        raise ValueError(f"--num-prompts {num_prompts} exceeds the {len(heldout['prompts'])} held-out prompts")
+    os.makedirs(output_dir, exist_ok=True)
+    entries = heldout["prompts"][:num_prompts]
+    prompts = [e["prompt"] for e in entries]
+    size = pipe.default_size
+    scenes = SyntheticShapesDataset(10 ** 7, size, heldout["data_seed"])
+    items = [scenes.item(e["index"]) for e in entries]
+    real = torch.stack([it.image for it in items])  # the real scenes of the prompts: ceilings and Fréchet reference
+    if [it.caption for it in items] != prompts:
+        raise ValueError(f"{heldout_path} does not match SyntheticShapesDataset(seed={heldout['data_seed']}): rebuild it")
+
+    start, per_seed, sheet = time.time(), {"with_residual": [], "discrete_only": []}, []
+    frechet = {"with_residual": [], "discrete_only": []}
+    real_features = random_features(real)
+    for seed in seeds:
+        images = generate(pipe, prompts, seed, guidance_scale)
+        for key, batch in images.items():
+            per_seed[key].append(mean_scores([score_image(to_uint8(im), p) for im, p in zip(batch, prompts)]))
+            frechet[key].append(frechet_distance(real_features, random_features(batch)))
+        sheet.append([to_uint8(im) for im in images["with_residual"][:sheet_prompts]])
+    seconds = (time.time() - start) / (len(prompts) * len(seeds))
+    with torch.no_grad():
+        recon = pipe.vae.decode(*pipe.vae.encode(real.to(pipe.vae.device, pipe.vae.dtype), return_dict=False)).sample
+    adherence = {key: {c: mean_std([row[c] for row in rows]) for c in CRITERIA} for key, rows in per_seed.items()}
+    adherence["real_images"] = mean_scores([score_image(to_uint8(im), p) for im, p in zip(real, prompts)])
+    adherence["tokenizer_reconstructions"] = mean_scores([score_image(to_uint8(im), p) for im, p in zip(recon.float().cpu(), prompts)])
+
+    images = collate([scenes[i] for i in range(num_images)])["image"]  # the held-out seed's first scenes
+    recon_rows = [reconstruction(HARTHybridTokenizer.from_pretrained(path), images) for path in vaes] or \
+        [reconstruction(pipe.vae, images)]
+    result = {
+        "model": model_name, "heldout": heldout_path, "num_prompts": num_prompts, "seeds": list(seeds),
+        "guidance_scale": guidance_scale, "adherence": adherence,
+        "frechet": {key: mean_std(v) for key, v in frechet.items()},
+        "reconstruction": {"num_images": num_images, "vaes": list(vaes) or [f"{model_name}/vae"],
+                           **{k: mean_std([row[k] for row in recon_rows]) for k in recon_rows[0]}},
+        "seconds_per_image": seconds,
+    }
+    contact_sheet([list(col) for col in zip(*sheet)], prompts[:sheet_prompts], [f"seed {s}" for s in seeds],
+                  os.path.join(output_dir, "contact_sheet.png"))
+    write_report(result, os.path.join(output_dir, "report.md"))
+    with open(os.path.join(output_dir, "report.json"), "w") as f:
+        json.dump(result, f, indent=2)
     return result
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="HART pipeline folder (default: the built-in model)")
-    parser.add_argument("--num-images", type=int, default=64)
-    parser.add_argument("--num-prompts", type=int, default=48)
-    parser.add_argument("--data-seed", type=int, default=12345, help="held-out data (training used seeds 0 and 1)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="eval_out", help="where contact_sheet.png and report.md/json go")
+    parser.add_argument("--num-prompts", type=int, default=48, help="first N of the 256 held-out prompts")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds (>= 3 for error bars)")
     parser.add_argument("--guidance-scale", type=float, default=4.5)
+    parser.add_argument("--num-images", type=int, default=512, help="held-out images for the reconstruction figures")
+    parser.add_argument("--vaes", nargs="+", default=[],
+                        help="tokenizer folders for the reconstruction table (default: the model's own vae)")
+    parser.add_argument("--sheet-prompts", type=int, default=8, help="prompts (rows) on the contact sheet")
     args = parser.parse_args(argv)
     pipe = load_default_pipeline() if args.model is None else HARTPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    size = pipe.default_size
-    data = SyntheticShapesDataset(max(args.num_images, args.num_prompts), size, args.data_seed)
-    images = collate([data[i] for i in range(args.num_images)])["image"]
-    report = {"reconstruction": reconstruction(pipe, images),
-              "adherence": generation(pipe, [data[i] for i in range(args.num_prompts)], args.seed, args.guidance_scale)}
-    print(json.dumps(report, indent=2))
+    result = evaluate(pipe, args.model or "built-in default model", args.output_dir, args.num_prompts, args.seeds,
+                      args.guidance_scale, args.num_images, args.vaes, args.sheet_prompts)
+    with open(os.path.join(args.output_dir, "report.md")) as f:
+        print(f.read())
+    print(f"wrote {args.output_dir}/contact_sheet.png, report.md, report.json ({result['seconds_per_image']:.2f} s/image)")
 
 
 if __name__ == "__main__":

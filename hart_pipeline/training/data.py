@@ -14,7 +14,7 @@ y downwards) for programmatic evaluation of generated images.
 
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
 import torch
@@ -142,19 +142,32 @@ class SyntheticShapesDataset(Dataset):
     ``attributes`` (list of ``(shape, colour, cx, cy)``, centres in [0, 1]).
     """
 
-    def __init__(self, num_samples: int = 10000, image_size: int = 64, seed: int = 0):
+    def __init__(self, num_samples: int = 10000, image_size: int = 64, seed: int = 0,
+                 exclude_captions: Iterable[str] = ()):
         self.num_samples = num_samples
         self.image_size = image_size
         self.seed = seed
+        # held-out prompts: a scene whose caption is one of them is redrawn from the item's own random stream
+        self.exclude_captions = frozenset(exclude_captions)
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def item(self, index: int) -> ShapeItem:
+    def _scene(self, index: int) -> Tuple[random.Random, str, List[Tuple[str, str, float, float]], float]:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
         rng = random.Random(self.seed * 1_000_003 + index)
         caption, objects, radius = sample_scene(rng)
+        while caption in self.exclude_captions:
+            caption, objects, radius = sample_scene(rng)
+        return rng, caption, objects, radius
+
+    def caption(self, index: int) -> str:
+        """The caption of item ``index`` without rendering its image (to compare caption sets quickly)."""
+        return self._scene(index)[1]
+
+    def item(self, index: int) -> ShapeItem:
+        rng, caption, objects, radius = self._scene(index)
         background = rng.choice(BACKGROUNDS)
         img = render(objects, self.image_size, radius, background)
         array = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)

@@ -2,6 +2,8 @@
 
     python -m hart_pipeline.training.train_tokenizer --config examples/training/tokenizer_tiny.json \
         --output_dir runs/tokenizer
+    python -m hart_pipeline.training.train_tokenizer --config examples/training/tokenizer_tiny.json \
+        --output_dir runs/tokenizer_discrete --discrete_only       # the VAR-style baseline of Table 1
 
 Writes ``<output_dir>/vae`` (``HARTHybridTokenizer.save_pretrained``, safetensors), resumable
 ``<output_dir>/checkpoints/step_*`` (safetensors + JSON only: model, optimizer, RNG, step, EMA; see
@@ -59,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--l2_weight", type=float, default=1.0)
     p.add_argument("--vq_weight", type=float, default=1.0)
     p.add_argument("--continuous_prob", type=float, default=0.5, help="P(decoder sees the continuous latent)")
+    p.add_argument("--discrete_only", action="store_true",
+                   help="VAR-style baseline (paper Table 1): the decoder always sees the discrete latent (no residual, "
+                        "no alternating training; overrides --continuous_prob)")
     p.add_argument("--dead_code_restart_every", type=int, default=100,
                    help="re-initialise codes unused during this many steps from recent quantiser inputs (0: off)")
     add_optimisation_args(p, batch_size=16, weight_decay=0.0, ema_decay=0.0)
@@ -100,7 +105,8 @@ def main(argv=None):
         tokenizer.enable_gradient_checkpointing()
     module = TokenizerTrainingModule(
         tokenizer, patch_nums=tuple(args.patch_nums), beta=args.beta, l1_weight=args.l1_weight,
-        l2_weight=args.l2_weight, vq_weight=args.vq_weight, continuous_prob=args.continuous_prob,
+        l2_weight=args.l2_weight, vq_weight=args.vq_weight,
+        continuous_prob=0.0 if args.discrete_only else args.continuous_prob,
     )
     optimizer = torch.optim.AdamW(module.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.95))
@@ -113,11 +119,15 @@ def main(argv=None):
     eval_images = collate([dataset[i] for i in range(min(args.eval_samples, len(dataset)))])["image"]
 
     def evaluate(path: str) -> None:
-        """Contact sheet: the first dataset images (top row) and their hybrid reconstructions (bottom row)."""
+        """Contact sheet: the first dataset images (top row) and their reconstructions (bottom row): hybrid, or
+        from the discrete tokens alone with ``--discrete_only`` (the decoder input that run trains)."""
         tok = session.unwrapped.tokenizer
         tok.eval()
         with torch.no_grad(), accelerator.autocast():
-            recon = tok.decoder(tok.post_quant_conv(tok.encode_latent(eval_images.to(accelerator.device))))
+            if args.discrete_only:
+                recon = tok.decode(tok.encode(eval_images.to(accelerator.device)).indices).sample
+            else:
+                recon = tok.decoder(tok.post_quant_conv(tok.encode_latent(eval_images.to(accelerator.device))))
         tok.train()
         contact_sheet((torch.cat([eval_images, recon.float().cpu()]) + 1) / 2, len(eval_images), path)
 

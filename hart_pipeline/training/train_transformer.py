@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+from typing import List
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--num_samples", type=int, default=5000)
     p.add_argument("--data_seed", type=int, default=1)
+    p.add_argument("--exclude_prompts", type=str, default=None,
+                   help="JSON held-out prompt set ({'prompts': [{'prompt': ...}]}, e.g. examples/eval/heldout_prompts.json) "
+                        "whose captions the training stream never draws")
     # model
     p.add_argument("--embed_dim", type=int, default=128)
     p.add_argument("--num_layers", type=int, default=4)
@@ -118,6 +122,29 @@ def _cache(path: str):
         return load_file(path + ".safetensors"), json.load(f)
 
 
+def excluded_captions(args) -> List[str]:
+    """The held-out prompts of ``--exclude_prompts`` (none without it)."""
+    if args.exclude_prompts is None:
+        return []
+    with open(args.exclude_prompts) as f:
+        heldout = json.load(f)
+    if not isinstance(heldout, dict) or not isinstance(heldout.get("prompts"), list):
+        raise ValueError(f"--exclude_prompts {args.exclude_prompts!r} must be a JSON object with a 'prompts' list "
+                         "of {'prompt': text} entries (see examples/eval/heldout.py)")
+    return [p["prompt"] for p in heldout["prompts"]]
+
+
+def _exclusion_tag(args) -> str:
+    """Cache-key part of the exclusion ('' without one, so earlier caches stay valid)."""
+    captions = excluded_captions(args)
+    return "" if not captions else "_x" + hashlib.sha1("\n".join(sorted(captions)).encode()).hexdigest()[:8]
+
+
+def training_dataset(args) -> SyntheticShapesDataset:
+    return SyntheticShapesDataset(args.num_samples, args.image_size, args.data_seed,
+                                  exclude_captions=excluded_captions(args))
+
+
 def _write_cache(path: str, tensors: dict, meta: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".safetensors")
@@ -127,13 +154,14 @@ def _write_cache(path: str, tensors: dict, meta: dict) -> None:
 
 def precompute_text(args, cache_dir: str, max_length: int) -> dict:
     """Text states (N, T, C) float32 + position ids (N, T) of every caption, cached."""
-    tag = hashlib.sha1(f"{args.text_encoder_path}|{args.num_samples}|{args.image_size}|{args.data_seed}|{max_length}".encode()).hexdigest()[:10]
+    tag = hashlib.sha1(f"{args.text_encoder_path}|{args.num_samples}|{args.image_size}|{args.data_seed}|{max_length}"
+                       f"{_exclusion_tag(args)}".encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"text_{tag}")
     cached = _cache(path)
     if cached is not None:
         return {**cached[0], "captions": cached[1]["captions"]}
     tok, enc = load_text_encoder(args.text_encoder_path)
-    dataset = SyntheticShapesDataset(args.num_samples, args.image_size, args.data_seed)
+    dataset = training_dataset(args)
     captions = [dataset.item(i).caption for i in range(len(dataset))]
     unique = sorted(set(captions))
     hidden, pos = [], []
@@ -154,11 +182,11 @@ def precompute_tokens(args, cache_dir: str, tokenizer: HARTHybridTokenizer) -> d
     """Ground-truth indices (N, sum pn^2) int16 and residuals (N, Cv, h, w) of every image, cached."""
     tok_file = os.path.join(_resolve_tokenizer_path(args.tokenizer_path), "diffusion_pytorch_model.safetensors")
     digest = hashlib.sha1(open(tok_file, "rb").read()).hexdigest()[:10]
-    path = os.path.join(cache_dir, f"tokens_{digest}_{args.num_samples}_{args.image_size}_{args.data_seed}")
+    path = os.path.join(cache_dir, f"tokens_{digest}_{args.num_samples}_{args.image_size}_{args.data_seed}{_exclusion_tag(args)}")
     cached = _cache(path)
     if cached is not None:
         return cached[0]
-    dataset = SyntheticShapesDataset(args.num_samples, args.image_size, args.data_seed)
+    dataset = training_dataset(args)
     indices, residuals = [], []
     for s in tqdm(range(0, len(dataset), 64), desc="tokens"):
         batch = collate([dataset[i] for i in range(s, min(s + 64, len(dataset)))])
