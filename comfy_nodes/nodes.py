@@ -8,14 +8,14 @@ No algorithm lives here: text encoding is ``HARTPipeline.encode_prompt``, sampli
 
 import hashlib
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from hart_pipeline import HARTPipeline, add_residual, decode_tokens, edit_tokens, encode_images, generate_tokens
-from hart_pipeline.schedules import PATCH_NUMS, supported_sizes
+from hart_pipeline.schedules import PATCH_NUMS
 
 from . import runtime
 from .handles import HART_CONDITIONING, HART_MODEL, HART_TOKENS, HARTConditioning, HARTModel, HARTTokenHandle

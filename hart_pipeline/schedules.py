@@ -32,12 +32,6 @@ def patch_nums_for_resolution(resolution: int, downsample_factor: int = 16) -> T
     return patch_nums
 
 
-def supported_sizes(model_patch_nums: Sequence[int], downsample_factor: int) -> Dict[int, Tuple[int, ...]]:
-    """Square image side -> patch schedule a model can generate: its own schedule and the standard ones."""
-    schedules = [tuple(model_patch_nums)] + [PATCH_NUMS[r] for r in sorted(PATCH_NUMS)]
-    return {pns[-1] * downsample_factor: pns for pns in schedules}
-
-
 def supported_sizes(own_patch_nums: Sequence[int], downsample_factor: int) -> Dict[int, Tuple[int, ...]]:
     """Square image side -> patch schedule for a model: its own schedule and the standard ones (a standard
     schedule ending at the same side takes precedence, as the pipeline always did).

@@ -128,3 +128,11 @@ def tiny_pipeline(patch_nums=TINY_PATCH_NUMS, use_system_prompt: bool = True):
     return HARTPipeline(tokenizer=tiny_text_tokenizer(), text_encoder=tiny_text_encoder(), vae=tiny_vae(patch_nums),
                         transformer=tiny_transformer(patch_nums), residual_head=tiny_head(),
                         scheduler=HARTResidualScheduler(), use_system_prompt=use_system_prompt)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """A tiny random HARTPipeline with its progress bar off, one per test module (modules may override it)."""
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -15,16 +15,8 @@ from comfy_nodes.handles import HARTModel  # noqa: E402
 
 from hart_pipeline import HARTImg2ImgPipeline, HARTInpaintPipeline, encode_images  # noqa: E402
 
-from conftest import tiny_pipeline  # noqa: E402
 
 PROMPT = "a red circle above a blue square"
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ import hart_pipeline
 from hart_pipeline import HARTPipeline
 from hart_pipeline.default_model import DEFAULT_MODEL_DIR
 
-from conftest import tiny_pipeline
-
 PROMPT = "a red circle above a blue square"
 
 # Runs in a fresh interpreter that cannot import this package (it is pip-installed editable here, so a
@@ -53,13 +51,6 @@ NO_PACKAGE_SCRIPT = textwrap.dedent('''
                  generator=torch.Generator().manual_seed(0)).images
     np.save(sys.argv[2], image)
 ''')
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def run(pipe, **kwargs):

@@ -18,16 +18,9 @@ from hart_pipeline import (
 )
 from hart_pipeline.sampling import kept_scales, repaint_maps
 
-from conftest import TINY_PATCH_NUMS, tiny_pipeline
+from conftest import TINY_PATCH_NUMS
 
 PROMPT = "a red circle above a blue square"
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,6 @@ from conftest import FIXTURES, tiny_pipeline
 PROMPT = "a red circle above a blue square"
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def run(pipe, seed=0, **kwargs):
     kwargs.setdefault("prompt", PROMPT)
     return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images

@@ -8,18 +8,10 @@ import pytest
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-from conftest import tiny_pipeline
 
 PROMPT = "a red circle above a blue square"
 STEPS = 3
 SCALES = 4  # tiny_pipeline's patch_nums (1, 2, 3, 4)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def run(pipe, seed=0, **kwargs):

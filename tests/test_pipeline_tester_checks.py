@@ -20,13 +20,6 @@ REQUIRED_OPTIONAL_PARAMS = {"num_inference_steps", "num_images_per_prompt", "gen
                             "callback_on_step_end", "callback_on_step_end_tensor_inputs", "max_sequence_length"}
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def inputs(**kwargs):
     out = dict(prompt=PROMPT, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     out.update(kwargs)

@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 import hart_pipeline
 from hart_pipeline import HARTPipeline
 
-from conftest import tiny_pipeline
 
 PROMPT = "a red circle above a blue square"
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
@@ -61,13 +60,6 @@ def _classify_error(space: str, error: ValueError, names) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 JUNK = st.sampled_from([None, "4", "", True, False, [], [1], {"a": 1}, float("nan"), float("inf"), -float("inf"),
                         torch.ones(2), np.array([1, 2]), object()])
 

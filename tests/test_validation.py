@@ -11,17 +11,9 @@ import torch
 from hart_pipeline import HARTPipeline, HARTResidualScheduler
 from hart_pipeline.validation import check_device, check_dtype, check_float, check_int
 
-from conftest import tiny_pipeline
 
 PROMPT = "a red circle above a blue square"
 NAN, INF = float("nan"), float("inf")
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _call(pipe, **kwargs):
