@@ -93,6 +93,10 @@ CORE_OBJECT_INFO = {  # ComfyUI's core nodes the examples use, as /object_info d
     "SaveImage": {"input": {"required": {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
                   "output": []},
     "PreviewImage": {"input": {"required": {"images": ["IMAGE", {}]}}, "output": []},
+    "ImagePadForOutpaint": {"input": {"required": {
+        "image": ["IMAGE", {}], **{side: ["INT", {"default": 0, "min": 0, "max": 16384, "step": 8}]
+                                   for side in ("left", "top", "right", "bottom")},
+        "feathering": ["INT", {"default": 40, "min": 0, "max": 16384, "step": 1}]}}, "output": ["IMAGE", "MASK"]},
 }
 
 
@@ -119,12 +123,12 @@ def load_workflow(name):
 def test_example_workflows_are_all_ui_format():
     """ComfyUI lists example_workflows/ as templates: only UI-format files belong there (API copies: tests/)."""
     names = [n for n in sorted(os.listdir(os.path.join(ROOT, "example_workflows"))) if n.endswith(".json")]
-    assert {"reconstruction.json", "text_to_image.json"} <= set(names)
+    assert {"reconstruction.json", "text_to_image.json", "outpainting.json"} <= set(names)
     for name in names:
         assert {"nodes", "links", "last_node_id", "version"} <= set(load_workflow(name[:-5])), name
 
 
-@pytest.mark.parametrize("name", ["text_to_image", "reconstruction"])
+@pytest.mark.parametrize("name", ["text_to_image", "reconstruction", "outpainting"])
 def test_example_workflow_ui_format(name):
     wf = load_workflow(name)
     nodes = {n["id"]: n for n in wf["nodes"]}
@@ -164,7 +168,7 @@ def _check_widget(spec_input, value):
         assert isinstance(value, str)
 
 
-@pytest.mark.parametrize("name", ["text_to_image", "reconstruction"])
+@pytest.mark.parametrize("name", ["text_to_image", "reconstruction", "outpainting"])
 def test_ui_workflow_round_trips_to_the_api_copy(name):
     """The frontend's own widget mapping turns the saved UI workflow into exactly the API prompt in tests/."""
     wf = load_workflow(name)

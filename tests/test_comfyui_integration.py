@@ -224,6 +224,23 @@ def test_reconstruction_workflow(server):
     print(f"\n[comfyui] reconstruction: {events['seconds']:.2f} s, PSNR {psnr:.1f} dB")
 
 
+def test_outpainting_workflow(server):
+    """Pad the shapes image (ComfyUI's Pad Image for Outpainting), repaint the border with HART Inpaint."""
+    from PIL import Image
+
+    prompt = _workflow_prompt(server, "outpainting")
+    events = asyncio.run(_run(server, prompt))
+    assert events["status"] == "execution_success", events.get("message")
+    (out,) = next(iter(_output_images(server, events["history"]).values()))
+    assert out.shape == (64, 64, 3)
+    # the centre (inside the 16 px pad of the 96 px canvas, resized to 64) keeps the image's tokens
+    source = Image.open(os.path.join(ROOT, "example_workflows", "hart_shapes.png")).convert("RGB").resize((42, 42))
+    centre = out[11:53, 11:53].astype(np.float32)
+    error = float(np.abs(centre - np.asarray(source, dtype=np.float32)).mean())
+    assert error < 40
+    print(f"\n[comfyui] outpainting: {events['seconds']:.2f} s, centre mean abs error {error:.1f}/255")
+
+
 def test_interrupt_and_node_errors(server):
     prompt = _workflow_prompt(server, "text_to_image")
     ar_node = next(k for k, v in prompt.items() if v["class_type"] == "HARTARSampler")
