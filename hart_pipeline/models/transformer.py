@@ -436,11 +436,13 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
             kv_cache.level_embeddings = self.scale_embeddings(len(patch_nums), condition.device)
             x = condition + kv_cache.level_embeddings[0]
         else:
+            if positions is not None:  # a MaskGIT group: embed only its tokens (the embedding is per token)
+                index = positions.to(scale_input.device)[..., None].expand(-1, -1, scale_input.shape[-1])
+                scale_input = scale_input.gather(1, index)
             x = self.embed_scale(scale_input, kv_cache.level_embeddings[scale_index])
             x = x.repeat(kv_cache.batch_size // x.shape[0], 1, 1)
         if positions is not None:
             positions = positions.to(x.device).repeat(x.shape[0] // positions.shape[0], 1)  # (N, n)
-            x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
             h = self.forward_scale(x, scale_index, patch_nums, context_position_ids, kv_cache, positions=positions)
         elif token_pruning > 0:
             h = self._forward_pruned(x, scale_index, patch_nums, context_position_ids, kv_cache, token_pruning)
