@@ -272,8 +272,9 @@ def generate_tokens(
         kept_whole = given is not None and (keep is None or bool(keep.all()))
         is_final = si == num_scales - 1
         steps = final_steps if is_final else [None]
-        idx = torch.empty(B, pn * pn, dtype=torch.long, device=device)
-        tokens = codebook.new_empty(B, pn * pn, codebook.shape[1])
+        if len(steps) > 1:  # MaskGIT: the groups are written into the scale's tokens
+            idx = torch.empty(B, pn * pn, dtype=torch.long, device=device)
+            tokens = codebook.new_empty(B, pn * pn, codebook.shape[1])
         if is_final:
             residual_condition = None
             residual_positions = [] if len(steps) > 1 or keep is not None else None  # None: all at once
@@ -482,27 +483,32 @@ def add_residual(
     B, Cv, h, w = tokens.latent.shape
     g = tokens.residual_guidance if guidance_scale is None else guidance_scale
     condition = tokens.residual_condition  # (2B, h*w, C)
-    groups = tokens.residual_positions
-    if groups is None:
-        groups = [torch.ones(B, h * w, dtype=torch.bool, device=condition.device)]
-    if tokens.residual is None:
+    scale = head.config.residual_scale
+    if tokens.residual_positions is None:  # every position at once (text-to-image): no gathering
+        groups: List[Optional[torch.Tensor]] = [None]
         residual = tokens.latent.new_zeros(B, h * w, Cv)
     else:
-        residual = tokens.residual.flatten(2).transpose(1, 2).clone()  # (B, h*w, Cv)
-    scale = head.config.residual_scale
-    groups = [m.to(residual.device) for m in groups if m.any()]
+        residual = (tokens.latent.new_zeros(B, h * w, Cv) if tokens.residual is None  # MaskGIT text-to-image
+                    else tokens.residual.flatten(2).transpose(1, 2).clone())  # (B, h*w, Cv): kept where not sampled
+        groups = [m.to(residual.device) for m in tokens.residual_positions if m.any()]
     for gi, group in enumerate(groups):
-        rows = torch.cat([condition[:B][group], condition[B:][group]])  # [cond; uncond], row-major (b, position)
+        # [cond; uncond] rows, row-major (b, position)
+        rows = condition.flatten(0, 1) if group is None else torch.cat([condition[:B][group], condition[B:][group]])
 
-        def on_step(i: int, t: int, x: torch.Tensor, gi: int = gi, group: torch.Tensor = group) -> Optional[torch.Tensor]:
-            current = residual / scale  # (B, h*w, Cv) in the head's units, this group's sample written in
-            current[group] = x.to(current.dtype)
+        def on_step(i: int, t: int, x: torch.Tensor, gi: int = gi, group: Optional[torch.Tensor] = group):
+            current = x.view(B, h * w, Cv) if group is None else (residual / scale).index_put((group,), x.to(residual.dtype))
             replaced = callback(gi * num_inference_steps + i, t, current.transpose(1, 2).reshape(B, Cv, h, w))
-            return None if replaced is None else replaced.reshape(B, Cv, h * w).transpose(1, 2)[group].to(x.dtype)
+            if replaced is None:
+                return None
+            replaced = replaced.reshape(B, Cv, h * w).transpose(1, 2)
+            return (replaced.reshape(-1, Cv) if group is None else replaced[group]).to(x.dtype)
 
         res = sample_residual(head, scheduler, rows, g, num_inference_steps, generator,
                               callback=None if callback is None else on_step)
-        residual[group] = res.to(residual.dtype)
+        if group is None:
+            residual = res.view(B, h * w, Cv).to(residual.dtype)
+        else:
+            residual[group] = res.to(residual.dtype)
     residual = residual.transpose(1, 2).reshape(B, Cv, h, w)
     return HARTTokens(indices=tokens.indices, latent=tokens.latent, residual=residual,
                       residual_condition=tokens.residual_condition, residual_guidance=g,
