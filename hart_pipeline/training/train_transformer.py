@@ -424,6 +424,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         export(args, session, tokenizer, start, checksums, full_state)
         accelerator.print(f"saved {args.output_dir} after {session.step} steps")
+    accelerator.wait_for_everyone()  # no rank tears the process group down while the main one still exports
     accelerator.end_training()
 
 
