@@ -14,6 +14,7 @@ from hart_pipeline.training.data import SyntheticShapesDataset, render
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "eval"))
 import adherence  # noqa: E402
+import compare_tokenizers  # noqa: E402
 import evaluate  # noqa: E402
 import heldout  # noqa: E402
 
@@ -128,3 +129,27 @@ def test_evaluate_writes_contact_sheet_and_report(tmp_path):
     assert np.isfinite(result["reconstruction"]["psnr_hybrid"]["mean"])
     with pytest.raises(ValueError, match="--num-prompts"):
         evaluate.evaluate(pipe, "tiny", str(tmp_path), num_prompts=10 ** 4, seeds=[0], guidance_scale=4.5, num_images=4)
+
+
+def test_compare_tokenizers_groups_seeds_and_reports_baselines_discrete_only(tmp_path):
+    from conftest import tiny_vae
+
+    paths = []
+    for seed in range(3):
+        paths.append(str(tmp_path / f"vae_{seed}"))
+        tiny_vae(seed=seed).save_pretrained(paths[-1])
+    result = compare_tokenizers.compare({"hybrid": paths[:2], "var": paths[2:]}, num_images=4, baselines=["var"])
+    one = evaluate.reconstruction(tiny_vae(seed=0), compare_tokenizers.heldout_images(4))
+    two = evaluate.reconstruction(tiny_vae(seed=1), compare_tokenizers.heldout_images(4))
+    assert result["hybrid"]["psnr_hybrid"]["mean"] == pytest.approx((one["psnr_hybrid"] + two["psnr_hybrid"]) / 2)
+    assert result["hybrid"]["psnr_hybrid"]["std"] > 0 and result["var"]["psnr_discrete"]["std"] == 0.0
+    table = compare_tokenizers.markdown(result, 4)
+    assert table.count("| hybrid (2) |") == 2 and table.count("| var (1) |") == 1  # a baseline: discrete row only
+    out = tmp_path / "table1.md"
+    compare_tokenizers.main(["--group", "hybrid", *paths[:2], "--baseline", "var", paths[2], "--num-images", "4",
+                             "--output", str(out)])
+    assert out.read_text() == table and json.loads((tmp_path / "table1.json").read_text())["var"]["discrete_only"]
+    with pytest.raises(SystemExit):
+        compare_tokenizers.main(["--group", "hybrid"])  # a group without tokenizers
+    with pytest.raises(SystemExit, match="same name"):
+        compare_tokenizers.main(["--group", "a", paths[0], "--baseline", "a", paths[1]])

@@ -19,10 +19,11 @@ would soon contain them all.
     python examples/eval/heldout.py          # (re)write heldout_prompts.json
 """
 
+import functools
 import glob
 import json
 import os
-from typing import Dict, Iterable, List, Set, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Set, Tuple
 
 from adherence import parse_prompt
 from hart_pipeline.training.data import SyntheticShapesDataset
@@ -38,8 +39,14 @@ NUM_PROMPTS = 256
 
 def captions(seed: int, num_samples: int, exclude: Iterable[str] = ()) -> Set[str]:
     """The captions of the first ``num_samples`` items of the dataset with ``seed`` (no rendering)."""
+    return set(_captions(seed, num_samples, frozenset(exclude)))
+
+
+@functools.lru_cache(maxsize=8)
+def _captions(seed: int, num_samples: int, exclude: FrozenSet[str]) -> FrozenSet[str]:
+    # cached: every evaluation re-checks the streams of examples/training/ (50,000 captions take seconds)
     data = SyntheticShapesDataset(num_samples, 64, seed, exclude_captions=exclude)
-    return {data.caption(i) for i in range(num_samples)}
+    return frozenset(data.caption(i) for i in range(num_samples))
 
 
 def layout(prompt: str) -> str:
