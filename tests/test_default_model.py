@@ -6,6 +6,7 @@ the independent adherence checker of ``examples/eval/adherence.py``.
 """
 
 import os
+import socket
 import sys
 
 import numpy as np
@@ -21,9 +22,15 @@ import heldout  # noqa: E402
 SHIPPED_LIMIT_MB = 50
 
 
+def _no_network(*args, **kwargs):
+    raise AssertionError("the built-in model must load and run without network access")
+
+
 @pytest.fixture(scope="module")
 def default_pipe():
-    pipe = load_default_pipeline()
+    with pytest.MonkeyPatch.context() as mp:  # any connection attempt while loading fails the tests
+        mp.setattr(socket.socket, "connect", _no_network)
+        pipe = load_default_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -42,7 +49,7 @@ def test_shipped_weights_are_small_safetensors():
 
 
 def test_generates_offline_at_native_size(default_pipe, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
     image = default_pipe("a red circle above a blue square", generator=torch.Generator().manual_seed(0),
                          output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
