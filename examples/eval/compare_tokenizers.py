@@ -19,17 +19,15 @@ from typing import Dict, List, Sequence
 import torch
 
 from hart_pipeline import HARTHybridTokenizer  # before the path below: peft looks for a package named `evaluate`
-from hart_pipeline.training.data import SyntheticShapesDataset, collate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evaluate import mean_std, reconstruction  # noqa: E402
+from evaluate import fmt, heldout_scenes, mean_std, reconstruction  # noqa: E402
 from heldout import load_heldout  # noqa: E402
 
 
 def heldout_images(num_images: int, size: int = 64) -> torch.Tensor:
-    """(N, 3, size, size) in [-1, 1]: the first scenes of the held-out data seed."""
-    scenes = SyntheticShapesDataset(10 ** 7, size, load_heldout(check=False)["data_seed"])
-    return collate([scenes[i] for i in range(num_images)])["image"]
+    """(N, 3, size, size) in [-1, 1]: the first scenes of the held-out data seed (those of ``evaluate.py``)."""
+    return heldout_scenes(load_heldout(check=False)["data_seed"], num_images, size)
 
 
 def compare(groups: Dict[str, Sequence[str]], num_images: int, baselines: Sequence[str] = ()) -> Dict[str, Dict]:
@@ -48,9 +46,6 @@ def compare(groups: Dict[str, Sequence[str]], num_images: int, baselines: Sequen
 
 
 def markdown(result: Dict[str, Dict], num_images: int) -> str:
-    def fmt(stat, digits):
-        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
     lines = [f"Reconstruction of {num_images} held-out images; mean ± std over each group's tokenizers.", "",
              "| tokenizer | decoding | PSNR (dB) | Fréchet distance |", "|---|---|---|---|"]
     for name, r in result.items():

@@ -123,13 +123,21 @@ def contact_sheet(rows: List[List[np.ndarray]], labels: List[str], columns: List
     sheet.save(path)
 
 
+def fmt(stat: Dict[str, Optional[float]], digits: int = 2) -> str:
+    """A :func:`mean_std` figure as "mean ± std" ("-" when there is none)."""
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def heldout_scenes(data_seed: int, num_images: int, size: int) -> torch.Tensor:
+    """(N, 3, size, size) in [-1, 1]: the first scenes of the held-out data seed (reconstruction figures)."""
+    scenes = SyntheticShapesDataset(10 ** 7, size, data_seed)
+    return collate([scenes[i] for i in range(num_images)])["image"]
+
+
 def write_report(result: Dict, path: str) -> None:
     """The markdown report: per-criterion adherence (mean ± std over seeds) and the Fréchet / PSNR figures."""
-    def fmt(stat: Dict[str, Optional[float]], digits: int = 2) -> str:
-        if stat["mean"] is None:
-            return "-"
-        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
     a = result["adherence"]
     lines = [f"# Evaluation of `{result['model']}`", "",
              f"{result['num_prompts']} held-out prompts (`{os.path.basename(result['heldout'])}`) x sampling seeds "
@@ -191,7 +199,7 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
     adherence["real_images"] = mean_scores([score_image(to_uint8(im), p) for im, p in zip(real, prompts)])
     adherence["tokenizer_reconstructions"] = mean_scores([score_image(to_uint8(im), p) for im, p in zip(recon.float().cpu(), prompts)])
 
-    images = collate([scenes[i] for i in range(num_images)])["image"]  # the held-out seed's first scenes
+    images = heldout_scenes(heldout["data_seed"], num_images, size)
     recon_rows = [reconstruction(HARTHybridTokenizer.from_pretrained(path), images) for path in vaes] or \
         [reconstruction(pipe.vae, images)]
     result = {
