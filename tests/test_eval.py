@@ -117,11 +117,21 @@ def test_evaluate_writes_contact_sheet_and_report(tmp_path):
     pipe = tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     result = evaluate.evaluate(pipe, "tiny", str(tmp_path), num_prompts=3, seeds=[0, 1], guidance_scale=4.5,
-                               num_images=4, sheet_prompts=2)
+                               num_images=4, sheet_prompts=2, teacher_forced_scales=[0, 2])
     sheet = Image.open(tmp_path / "contact_sheet.png")
     assert sheet.width > 3 * pipe.default_size and sheet.height > 2 * pipe.default_size
     report = (tmp_path / "report.md").read_text()
     assert "± " in report and "real scenes (ceiling of the checker)" in report
+    assert "| relation | 1 |" in report and "| 2 | 1x1, 2x2 |" in report
+    # per layout: the single prompt alone carries colour / position, the relation prompt both_colours
+    by_layout = result["by_layout"]
+    assert by_layout["single"]["colour"]["mean"] is not None and by_layout["single"]["both_colours"]["mean"] is None
+    assert by_layout["relation"]["both_colours"]["mean"] is not None
+    # K = 0 forces nothing: the same draws as the unforced run (its discrete decoding)
+    assert result["teacher_forced"][0] == result["adherence"]["discrete_only"]
+    with pytest.raises(ValueError, match="--teacher-forced-scales"):
+        evaluate.evaluate(pipe, "tiny", str(tmp_path), num_prompts=3, seeds=[0], guidance_scale=4.5, num_images=4,
+                          teacher_forced_scales=[len(pipe.vae.config.patch_nums)])
     assert json.loads((tmp_path / "report.json").read_text())["seeds"] == [0, 1]
     # three prompts = one of each layout: each criterion has a value per seed
     assert result["adherence"]["with_residual"]["relation"]["mean"] is not None

@@ -7,8 +7,12 @@
    to Inception FID, comparisons between tokenizers are.
 2. Generation (Table 5): prompt adherence (the independent checker of ``adherence.py`` on the fixed held-out
    prompts of ``heldout_prompts.json``) and the Fréchet distance to the real scenes of those prompts, with
-   and without the residual stage, mean ± std over sampling seeds. Ceilings: the checker on the real
-   rendered scenes and on the tokenizer's reconstructions of them.
+   and without the residual stage, mean ± std over sampling seeds, also per layout (single object, two
+   objects in a relation, counts). Ceilings: the checker on the real rendered scenes and on the tokenizer's
+   reconstructions of them.
+3. Optional (``--teacher-forced-scales K ...``): where adherence is lost. The first K scales' tokens are
+   those of the tokenizer's encoding of each prompt's real scene and the AR stage samples the rest; the
+   adherence of those images (discrete decoding) against K shows which scales the model gets wrong.
 
 Writes ``<output-dir>/contact_sheet.png`` (prompts x seeds, with the residual stage), ``report.md`` and
 ``report.json``.
@@ -16,6 +20,7 @@ Writes ``<output-dir>/contact_sheet.png`` (prompts x seeds, with the residual st
     python examples/eval/evaluate.py                                  # the built-in model, 48 prompts x 3 seeds
     python examples/eval/evaluate.py --model runs/hart --num-prompts 256 --num-images 512
     python examples/eval/evaluate.py --model runs/hart --vaes runs/tok_s0/vae runs/tok_s1/vae runs/tok_s2/vae
+    python examples/eval/evaluate.py --teacher-forced-scales 0 2 4 5
 """
 
 import argparse
@@ -32,7 +37,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adherence import CRITERIA, mean_scores, score_image  # noqa: E402
-from heldout import HELDOUT_PATH, load_heldout  # noqa: E402
+from heldout import HELDOUT_PATH, layout, load_heldout  # noqa: E402
 
 from hart_pipeline import HARTHybridTokenizer, HARTPipeline, add_residual, decode_tokens, generate_tokens  # noqa: E402
 from hart_pipeline.default_model import load_default_pipeline  # noqa: E402
@@ -92,13 +97,18 @@ def reconstruction(vae: HARTHybridTokenizer, images: torch.Tensor, batch_size: i
 
 
 @torch.no_grad()
-def generate(pipe: HARTPipeline, prompts: List[str], seed: int, guidance_scale: float, batch_size: int = 16):
-    """Images (N, 3, H, W) in [-1, 1] with and without the residual stage, from the same tokens."""
+def generate(pipe: HARTPipeline, prompts: List[str], seed: int, guidance_scale: float, batch_size: int = 16,
+             prefix: Sequence[torch.Tensor] = ()):
+    """Images (N, 3, H, W) in [-1, 1] with and without the residual stage, from the same tokens.
+
+    ``prefix``: indices (N, pn^2) of the first scales, taken instead of sampled (teacher forcing).
+    """
     g = torch.Generator().manual_seed(seed)
     out = {"with_residual": [], "discrete_only": []}
     for s in range(0, len(prompts), batch_size):
         embeds, positions, _, _ = pipe.encode_prompt(prompts[s:s + batch_size])
-        tokens = generate_tokens(pipe.transformer, pipe.vae, embeds, positions, guidance_scale=guidance_scale, generator=g)
+        tokens = generate_tokens(pipe.transformer, pipe.vae, embeds, positions, guidance_scale=guidance_scale, generator=g,
+                                 prefix_indices=[p[s:s + batch_size] for p in prefix] or None)
         tokens = add_residual(tokens, pipe.residual_head, pipe.scheduler, generator=g)
         for key, discrete_only in (("with_residual", False), ("discrete_only", True)):
             out[key].append(decode_tokens(pipe.vae, tokens, discrete_only=discrete_only).float().cpu() * 2 - 1)
@@ -153,6 +163,19 @@ def write_report(result: Dict, path: str) -> None:
                       ("real_images", "real scenes (ceiling of the checker)")):
         lines.append(f"| {name} | " + " | ".join("-" if a[key][c] is None else f"{a[key][c]:.2f}" for c in CRITERIA)
                      + " | - |")
+    lines += ["", "Per layout (generated, with the residual stage):", "",
+              "| layout | prompts | " + " | ".join(CRITERIA) + " |", "|---|---|" + "---|" * len(CRITERIA)]
+    for name, row in result["by_layout"].items():
+        n = sum(layout(e) == name for e in result["prompts"])
+        lines.append(f"| {name} | {n} | " + " | ".join(fmt(row[c]) for c in CRITERIA) + " |")
+    if result["teacher_forced"]:
+        patch_nums = result["patch_nums"]
+        lines += ["", "Where adherence is lost: the first K scales are the tokens of the real scene, the AR stage "
+                  "samples the rest (discrete decoding):", "",
+                  "| K | given scales | " + " | ".join(CRITERIA) + " |", "|---|---|" + "---|" * len(CRITERIA)]
+        for k, row in result["teacher_forced"].items():
+            given = ", ".join(f"{pn}x{pn}" for pn in patch_nums[:int(k)]) or "none"
+            lines.append(f"| {k} | {given} | " + " | ".join(fmt(row[c]) for c in CRITERIA) + " |")
     r = result["reconstruction"]
     lines += ["", f"Tokenizer reconstruction of {r['num_images']} held-out images, mean ± std over "
               f"{len(r['vaes'])} tokenizer(s) ({', '.join(r['vaes'])}):", "",
@@ -164,12 +187,43 @@ def write_report(result: Dict, path: str) -> None:
         f.write("\n".join(lines))
 
 
+def adherence_by_layout(per_seed: List[List[Dict[str, Optional[float]]]], prompts: Sequence[str]) -> Dict:
+    """{layout: {criterion: mean ± std over seeds}} from per-seed lists of per-image scores."""
+    out = {}
+    for name in ("single", "relation", "count"):
+        rows = [i for i, p in enumerate(prompts) if layout(p) == name]
+        if rows:
+            means = [mean_scores([scores[i] for i in rows]) for scores in per_seed]
+            out[name] = {c: mean_std([m[c] for m in means]) for c in CRITERIA}
+    return out
+
+
+def teacher_forced(pipe: HARTPipeline, prompts: List[str], real: torch.Tensor, scales: Sequence[int],
+                   seeds: Sequence[int], guidance_scale: float) -> Dict[int, Dict]:
+    """{K: {criterion: mean ± std over seeds}}: adherence (discrete decoding) when the first K scales are the
+    tokens of the real scenes ``real`` (N, 3, H, W) and the AR stage samples the others."""
+    with torch.no_grad():
+        indices = pipe.vae.encode(real.to(pipe.vae.device, pipe.vae.dtype)).indices
+    out = {}
+    for k in scales:
+        rows = []
+        for seed in seeds:
+            images = generate(pipe, prompts, seed, guidance_scale, prefix=indices[:k])["discrete_only"]
+            rows.append(mean_scores([score_image(to_uint8(im), p) for im, p in zip(images, prompts)]))
+        out[k] = {c: mean_std([r[c] for r in rows]) for c in CRITERIA}
+    return out
+
+
 def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: int, seeds: Sequence[int],
              guidance_scale: float, num_images: int, vaes: Sequence[str] = (), sheet_prompts: int = 8,
-             heldout_path: str = HELDOUT_PATH) -> Dict:
-    """Run both evaluations and write the contact sheet, ``report.md`` and ``report.json`` into ``output_dir``."""
+             heldout_path: str = HELDOUT_PATH, teacher_forced_scales: Sequence[int] = ()) -> Dict:
+    """Run the evaluations and write the contact sheet, ``report.md`` and ``report.json`` into ``output_dir``."""
     if len(seeds) < 1 or num_prompts < 1:
         raise ValueError("evaluate needs at least one sampling seed (--seeds) and one prompt (--num-prompts)")
+    num_scales = len(pipe.vae.config.patch_nums)
+    if any(not 0 <= k < num_scales for k in teacher_forced_scales):
+        raise ValueError(f"--teacher-forced-scales must lie in [0, {num_scales - 1}] (the model has {num_scales} "
+                         f"scales and samples at least the last); got {list(teacher_forced_scales)}")
     heldout = load_heldout(heldout_path)
     if num_prompts > len(heldout["prompts"]):
         raise ValueError(f"--num-prompts {num_prompts} exceeds the {len(heldout['prompts'])} held-out prompts")
@@ -189,13 +243,14 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
     for seed in seeds:
         images = generate(pipe, prompts, seed, guidance_scale)
         for key, batch in images.items():
-            per_seed[key].append(mean_scores([score_image(to_uint8(im), p) for im, p in zip(batch, prompts)]))
+            per_seed[key].append([score_image(to_uint8(im), p) for im, p in zip(batch, prompts)])
             frechet[key].append(frechet_distance(real_features, random_features(batch)))
         sheet.append([to_uint8(im) for im in images["with_residual"][:sheet_prompts]])
     seconds = (time.time() - start) / (len(prompts) * len(seeds))
     with torch.no_grad():
         recon = pipe.vae.decode(*pipe.vae.encode(real.to(pipe.vae.device, pipe.vae.dtype), return_dict=False)).sample
-    adherence = {key: {c: mean_std([row[c] for row in rows]) for c in CRITERIA} for key, rows in per_seed.items()}
+    adherence = {key: {c: mean_std([mean_scores(scores)[c] for scores in rows]) for c in CRITERIA}
+                 for key, rows in per_seed.items()}
     adherence["real_images"] = mean_scores([score_image(to_uint8(im), p) for im, p in zip(real, prompts)])
     adherence["tokenizer_reconstructions"] = mean_scores([score_image(to_uint8(im), p) for im, p in zip(recon.float().cpu(), prompts)])
 
@@ -203,8 +258,11 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
     recon_rows = [reconstruction(HARTHybridTokenizer.from_pretrained(path), images) for path in vaes] or \
         [reconstruction(pipe.vae, images)]
     result = {
-        "model": model_name, "heldout": heldout_path, "num_prompts": num_prompts, "seeds": list(seeds),
+        "model": model_name, "heldout": heldout_path, "num_prompts": num_prompts, "prompts": prompts,
+        "patch_nums": list(pipe.vae.config.patch_nums), "seeds": list(seeds),
         "guidance_scale": guidance_scale, "adherence": adherence,
+        "by_layout": adherence_by_layout(per_seed["with_residual"], prompts),
+        "teacher_forced": teacher_forced(pipe, prompts, real, teacher_forced_scales, seeds, guidance_scale),
         "frechet": {key: mean_std(v) for key, v in frechet.items()},
         "reconstruction": {"num_images": num_images, "vaes": list(vaes) or [f"{model_name}/vae"],
                            **{k: mean_std([row[k] for row in recon_rows]) for k in recon_rows[0]}},
@@ -229,11 +287,14 @@ def main(argv=None) -> None:
     parser.add_argument("--vaes", nargs="+", default=[],
                         help="tokenizer folders for the reconstruction table (default: the model's own vae)")
     parser.add_argument("--sheet-prompts", type=int, default=8, help="prompts (rows) on the contact sheet")
+    parser.add_argument("--teacher-forced-scales", type=int, nargs="*", default=[], metavar="K",
+                        help="also measure adherence with the first K scales taken from the real scenes (e.g. 0 2 4 5)")
     args = parser.parse_args(argv)
     pipe = load_default_pipeline() if args.model is None else HARTPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     result = evaluate(pipe, args.model or "built-in default model", args.output_dir, args.num_prompts, args.seeds,
-                      args.guidance_scale, args.num_images, args.vaes, args.sheet_prompts)
+                      args.guidance_scale, args.num_images, args.vaes, args.sheet_prompts,
+                      teacher_forced_scales=args.teacher_forced_scales)
     with open(os.path.join(args.output_dir, "report.md")) as f:
         print(f.read())
     print(f"wrote {args.output_dir}/contact_sheet.png, report.md, report.json ({result['seconds_per_image']:.2f} s/image)")
