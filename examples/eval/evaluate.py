@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adherence import CRITERIA, mean_scores, score_image  # noqa: E402
-from heldout import HELDOUT_PATH, layout, load_heldout  # noqa: E402
+from heldout import HELDOUT_PATH, load_heldout  # noqa: E402
 
 from hart_pipeline import HARTHybridTokenizer, HARTPipeline, add_residual, decode_tokens, generate_tokens  # noqa: E402
 from hart_pipeline.default_model import load_default_pipeline  # noqa: E402
@@ -166,7 +166,7 @@ def write_report(result: Dict, path: str) -> None:
     lines += ["", "Per layout (generated, with the residual stage):", "",
               "| layout | prompts | " + " | ".join(CRITERIA) + " |", "|---|---|" + "---|" * len(CRITERIA)]
     for name, row in result["by_layout"].items():
-        n = sum(layout(e) == name for e in result["prompts"])
+        n = result["layouts"].count(name)
         lines.append(f"| {name} | {n} | " + " | ".join(fmt(row[c]) for c in CRITERIA) + " |")
     if result["teacher_forced"]:
         patch_nums = result["patch_nums"]
@@ -187,23 +187,22 @@ def write_report(result: Dict, path: str) -> None:
         f.write("\n".join(lines))
 
 
-def adherence_by_layout(per_seed: List[List[Dict[str, Optional[float]]]], prompts: Sequence[str]) -> Dict:
-    """{layout: {criterion: mean ± std over seeds}} from per-seed lists of per-image scores."""
+def adherence_by_layout(per_seed: List[List[Dict[str, Optional[float]]]], layouts: Sequence[str]) -> Dict:
+    """{layout: {criterion: mean ± std over seeds}} from per-seed lists of per-image scores and each image's
+    prompt layout (the held-out set's ``layout`` field)."""
     out = {}
     for name in ("single", "relation", "count"):
-        rows = [i for i, p in enumerate(prompts) if layout(p) == name]
+        rows = [i for i, kind in enumerate(layouts) if kind == name]
         if rows:
             means = [mean_scores([scores[i] for i in rows]) for scores in per_seed]
             out[name] = {c: mean_std([m[c] for m in means]) for c in CRITERIA}
     return out
 
 
-def teacher_forced(pipe: HARTPipeline, prompts: List[str], real: torch.Tensor, scales: Sequence[int],
+def teacher_forced(pipe: HARTPipeline, prompts: List[str], indices: Sequence[torch.Tensor], scales: Sequence[int],
                    seeds: Sequence[int], guidance_scale: float) -> Dict[int, Dict]:
-    """{K: {criterion: mean ± std over seeds}}: adherence (discrete decoding) when the first K scales are the
-    tokens of the real scenes ``real`` (N, 3, H, W) and the AR stage samples the others."""
-    with torch.no_grad():
-        indices = pipe.vae.encode(real.to(pipe.vae.device, pipe.vae.dtype)).indices
+    """{K: {criterion: mean ± std over seeds}}: adherence (discrete decoding) when the first K scales are
+    ``indices`` (per scale (N, pn^2), the real scenes' tokens) and the AR stage samples the others."""
     out = {}
     for k in scales:
         rows = []
@@ -230,6 +229,7 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
     os.makedirs(output_dir, exist_ok=True)
     entries = heldout["prompts"][:num_prompts]
     prompts = [e["prompt"] for e in entries]
+    layouts = [e["layout"] for e in entries]
     size = pipe.default_size
     scenes = SyntheticShapesDataset(10 ** 7, size, heldout["data_seed"])
     items = [scenes.item(e["index"]) for e in entries]
@@ -248,7 +248,8 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
         sheet.append([to_uint8(im) for im in images["with_residual"][:sheet_prompts]])
     seconds = (time.time() - start) / (len(prompts) * len(seeds))
     with torch.no_grad():
-        recon = pipe.vae.decode(*pipe.vae.encode(real.to(pipe.vae.device, pipe.vae.dtype), return_dict=False)).sample
+        real_tokens = pipe.vae.encode(real.to(pipe.vae.device, pipe.vae.dtype))  # also the teacher-forced prefixes
+        recon = pipe.vae.decode(real_tokens.indices, real_tokens.residual).sample
     adherence = {key: {c: mean_std([mean_scores(scores)[c] for scores in rows]) for c in CRITERIA}
                  for key, rows in per_seed.items()}
     adherence["real_images"] = mean_scores([score_image(to_uint8(im), p) for im, p in zip(real, prompts)])
@@ -258,11 +259,11 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
     recon_rows = [reconstruction(HARTHybridTokenizer.from_pretrained(path), images) for path in vaes] or \
         [reconstruction(pipe.vae, images)]
     result = {
-        "model": model_name, "heldout": heldout_path, "num_prompts": num_prompts, "prompts": prompts,
+        "model": model_name, "heldout": heldout_path, "num_prompts": num_prompts, "layouts": layouts,
         "patch_nums": list(pipe.vae.config.patch_nums), "seeds": list(seeds),
         "guidance_scale": guidance_scale, "adherence": adherence,
-        "by_layout": adherence_by_layout(per_seed["with_residual"], prompts),
-        "teacher_forced": teacher_forced(pipe, prompts, real, teacher_forced_scales, seeds, guidance_scale),
+        "by_layout": adherence_by_layout(per_seed["with_residual"], layouts),
+        "teacher_forced": teacher_forced(pipe, prompts, real_tokens.indices, teacher_forced_scales, seeds, guidance_scale),
         "frechet": {key: mean_std(v) for key, v in frechet.items()},
         "reconstruction": {"num_images": num_images, "vaes": list(vaes) or [f"{model_name}/vae"],
                            **{k: mean_std([row[k] for row in recon_rows]) for k in recon_rows[0]}},
