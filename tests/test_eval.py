@@ -45,6 +45,20 @@ def test_checker_scores_follow_the_image_not_the_prompt(prompt, criterion, expec
     assert adherence.score_image(image, prompt)[criterion] == expected
 
 
+@pytest.mark.parametrize("objects, expected", [
+    ([("circle", "red", 0.5, 0.25), ("square", "blue", 0.5, 0.75)], "right"),
+    ([("circle", "blue", 0.5, 0.25), ("square", "red", 0.5, 0.75)], "swapped"),
+    ([("circle", "red", 0.25, 0.5), ("square", "blue", 0.75, 0.5)], "wrong direction"),
+    ([("circle", "red", 0.5, 0.25), ("square", "red", 0.5, 0.75)], "one colour twice"),
+    ([("circle", "red", 0.5, 0.25), ("square", "green", 0.5, 0.75)], "a wrong colour"),
+    ([("circle", "red", 0.5, 0.25)], "fewer than two objects"),
+])
+def test_relation_outcome_tells_swapped_colours_from_other_failures(objects, expected):
+    image = np.asarray(render(objects, 64, 0.15, (15, 20, 45)))
+    assert adherence.relation_outcome(image, "a red circle above a blue square") == expected
+    assert adherence.relation_outcome(image, "two red circles") is None  # not a relation prompt
+
+
 def test_checker_reads_colour_shape_position_and_count():
     image = np.asarray(render([("triangle", "yellow", 0.25, 0.5)], 64, 0.17, (0, 0, 0)))
     (found,) = adherence.find_objects(image)
@@ -86,7 +100,7 @@ def test_heldout_set_is_fixed_balanced_and_kept_out_of_training():
     assert set(prompts) & heldout.captions(1, 20000)
     heldout.load_heldout()  # the configs in examples/training/ pass the check
     with pytest.raises(ValueError, match="exclude_prompts"):
-        heldout.check_disjoint(prompts, [(1, 20000, [])])
+        heldout.check_disjoint(prompts, [(1, 20000, [], heldout.LAYOUT_WEIGHTS)])
     data = SyntheticShapesDataset(10 ** 7, 64, stored["data_seed"])
     assert [data.caption(p["index"]) for p in stored["prompts"][:20]] == prompts[:20]
 
@@ -127,6 +141,9 @@ def test_evaluate_writes_contact_sheet_and_report(tmp_path):
     by_layout = result["by_layout"]
     assert by_layout["single"]["colour"]["mean"] is not None and by_layout["single"]["both_colours"]["mean"] is None
     assert by_layout["relation"]["both_colours"]["mean"] is not None
+    shares = result["relation_outcomes"]  # the relation prompt's outcomes: shares that sum to one per seed
+    assert set(shares) == set(adherence.RELATION_OUTCOMES)
+    assert sum(v["mean"] for v in shares.values()) == pytest.approx(1.0) and "| swapped |" in report
     # K = 0 forces nothing: the same draws as the unforced run (its discrete decoding)
     assert result["teacher_forced"][0] == result["adherence"]["discrete_only"]
     with pytest.raises(ValueError, match="--teacher-forced-scales"):

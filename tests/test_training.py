@@ -9,7 +9,7 @@ import torch
 
 from hart_pipeline import HARTHybridTokenizer, HARTPipeline, HARTResidualHead, HARTResidualScheduler, HARTTransformer
 from hart_pipeline.training import losses
-from hart_pipeline.training.data import SyntheticShapesDataset, collate
+from hart_pipeline.training.data import LAYOUT_WEIGHTS, SyntheticShapesDataset, collate
 
 PATCH_NUMS = (1, 2, 3, 4)
 
@@ -33,6 +33,36 @@ def test_dataset_is_deterministic_and_captioned():
     assert colours_in_caption, (item["caption"], item["attributes"])
     captions = {SyntheticShapesDataset(200, 32, seed=0)[i]["caption"] for i in range(200)}
     assert len(captions) > 100  # varied wording, not one template
+
+
+def test_layout_weights_set_the_mix_and_name_their_mistakes():
+    def objects(weights):
+        data = SyntheticShapesDataset(300, 32, seed=4, layout_weights=weights)
+        return [len(data.item(i).attributes) for i in range(300)]
+
+    assert set(objects((1, 0, 0))) == {1}
+    relation_only = SyntheticShapesDataset(50, 32, seed=4, layout_weights=(0, 1, 0))
+    assert all(len({a[1] for a in relation_only.item(i).attributes}) == 2 for i in range(50))  # two colours
+    mixed = objects((0.2, 0.6, 0.2))
+    relation_heavy = sum(n == 2 for n in mixed) / len(mixed)  # count scenes with two objects are 0.2 * 0.5
+    assert 0.6 <= relation_heavy <= 0.8, relation_heavy
+    default, explicit = SyntheticShapesDataset(40, 32, seed=4), SyntheticShapesDataset(40, 32, seed=4, layout_weights=LAYOUT_WEIGHTS)
+    assert [default.caption(i) for i in range(40)] == [explicit.caption(i) for i in range(40)]
+    for bad in ((1, 2), (1, -1, 1), (0, 0, 0), (1, float("nan"), 1)):
+        with pytest.raises(ValueError, match="layout_weights must be 3 non-negative numbers"):
+            SyntheticShapesDataset(4, 32, layout_weights=bad)
+
+
+def test_layout_weights_get_their_own_training_cache():
+    from hart_pipeline.training import train_transformer
+
+    parse = train_transformer.build_parser().parse_args
+    assert train_transformer._stream_tag(parse([])) == ""  # the default stream keeps its existing caches
+    heavy = train_transformer._stream_tag(parse(["--layout_weights", "0.2", "0.6", "0.2"]))
+    assert heavy == "_l0.2-0.6-0.2"
+    assert train_transformer.training_dataset(parse(["--layout_weights", "0", "1", "0", "--num_samples", "3"])).layout_weights == (0, 1, 0)
+    with pytest.raises(ValueError, match="layout_weights"):
+        train_transformer.main(["--layout_weights", "1", "1", "-1", "--output_dir", "unused"])
 
 
 def test_tokenizer_training_steps_lower_the_loss():

@@ -183,6 +183,31 @@ def score_image(image: np.ndarray, prompt: str) -> Dict[str, Optional[float]]:
     return scores
 
 
+RELATION_OUTCOMES = ("right", "swapped", "wrong direction", "one colour twice", "a wrong colour", "fewer than two objects")
+
+
+def relation_outcome(image: np.ndarray, prompt: str) -> Optional[str]:
+    """What an image of a two-colour relation prompt shows (None for other prompts), one of ``RELATION_OUTCOMES``:
+    the two largest objects have the prompt's two colours and stand in its relation ("right"), in the opposite
+    order ("swapped": the colours are not bound to their places) or neither ("wrong direction"); or the two
+    largest share one colour; or one of them has a colour the prompt does not name; or there are fewer than two."""
+    expect = parse_prompt(prompt)
+    if expect.relation is None or len(expect.objects) != 2 or expect.objects[0][0] == expect.objects[1][0]:
+        return None
+    (c1, _), (c2, _) = expect.objects
+    found = find_objects(image)[:2]
+    if len(found) < 2:
+        return "fewer than two objects"
+    if found[0].colour == found[1].colour:
+        return "one colour twice"
+    if {o.colour for o in found} != {c1, c2}:
+        return "a wrong colour"
+    first, second = found if found[0].colour == c1 else found[::-1]
+    if _relation_holds(first, second, expect.relation):
+        return "right"
+    return "swapped" if _relation_holds(second, first, expect.relation) else "wrong direction"
+
+
 def mean_scores(rows: List[Dict[str, Optional[float]]]) -> Dict[str, Optional[float]]:
     """Mean of each criterion over the rows where it applies (None if it never applies)."""
     out = {}
@@ -192,4 +217,5 @@ def mean_scores(rows: List[Dict[str, Optional[float]]]) -> Dict[str, Optional[fl
     return out
 
 
-__all__ = ["CRITERIA", "DetectedObject", "Expectation", "find_objects", "mean_scores", "parse_prompt", "score_image"]
+__all__ = ["CRITERIA", "RELATION_OUTCOMES", "DetectedObject", "Expectation", "find_objects", "mean_scores", "parse_prompt",
+           "relation_outcome", "score_image"]

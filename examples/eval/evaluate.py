@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from adherence import CRITERIA, mean_scores, score_image  # noqa: E402
+from adherence import CRITERIA, RELATION_OUTCOMES, mean_scores, relation_outcome, score_image  # noqa: E402
 from heldout import HELDOUT_PATH, load_heldout  # noqa: E402
 
 from hart_pipeline import HARTHybridTokenizer, HARTPipeline, add_residual, decode_tokens, generate_tokens  # noqa: E402
@@ -168,6 +168,11 @@ def write_report(result: Dict, path: str) -> None:
     for name, row in result["by_layout"].items():
         n = result["layouts"].count(name)
         lines.append(f"| {name} | {n} | " + " | ".join(fmt(row[c]) for c in CRITERIA) + " |")
+    if result["relation_outcomes"]:
+        lines += ["", "Two-colour relation prompts, what the two largest objects show (with the residual stage; "
+                  "\"swapped\": right colours and direction, opposite order):", "",
+                  "| " + " | ".join(RELATION_OUTCOMES) + " |", "|" + "---|" * len(RELATION_OUTCOMES),
+                  "| " + " | ".join(fmt(result["relation_outcomes"][name]) for name in RELATION_OUTCOMES) + " |"]
     if result["teacher_forced"]:
         patch_nums = result["patch_nums"]
         lines += ["", "Where adherence is lost: the first K scales are the tokens of the real scene, the AR stage "
@@ -197,6 +202,18 @@ def adherence_by_layout(per_seed: List[List[Dict[str, Optional[float]]]], layout
             means = [mean_scores([scores[i] for i in rows]) for scores in per_seed]
             out[name] = {c: mean_std([m[c] for m in means]) for c in CRITERIA}
     return out
+
+
+def outcome_shares(per_seed: List[List[Optional[str]]]) -> Dict[str, Dict]:
+    """{outcome: share of the two-colour relation images, mean ± std over seeds} (see ``relation_outcome``);
+    empty without such prompts."""
+    shares = {name: [] for name in RELATION_OUTCOMES}
+    for outcomes in per_seed:
+        drawn = [o for o in outcomes if o is not None]
+        for name in RELATION_OUTCOMES:
+            if drawn:
+                shares[name].append(drawn.count(name) / len(drawn))
+    return {name: mean_std(v) for name, v in shares.items() if v}
 
 
 def teacher_forced(pipe: HARTPipeline, prompts: List[str], indices: Sequence[torch.Tensor], scales: Sequence[int],
@@ -238,7 +255,7 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
         raise ValueError(f"{heldout_path} does not match SyntheticShapesDataset(seed={heldout['data_seed']}): rebuild it")
 
     start, per_seed, sheet = time.time(), {"with_residual": [], "discrete_only": []}, []
-    frechet = {"with_residual": [], "discrete_only": []}
+    frechet, outcomes = {"with_residual": [], "discrete_only": []}, []
     real_features = random_features(real)
     for seed in seeds:
         images = generate(pipe, prompts, seed, guidance_scale)
@@ -246,6 +263,7 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
             per_seed[key].append([score_image(to_uint8(im), p) for im, p in zip(batch, prompts)])
             frechet[key].append(frechet_distance(real_features, random_features(batch)))
         sheet.append([to_uint8(im) for im in images["with_residual"][:sheet_prompts]])
+        outcomes.append([relation_outcome(to_uint8(im), p) for im, p in zip(images["with_residual"], prompts)])
     seconds = (time.time() - start) / (len(prompts) * len(seeds))
     with torch.no_grad():
         real_tokens = pipe.vae.encode(real.to(pipe.vae.device, pipe.vae.dtype))  # also the teacher-forced prefixes
@@ -263,6 +281,7 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
         "patch_nums": list(pipe.vae.config.patch_nums), "seeds": list(seeds),
         "guidance_scale": guidance_scale, "adherence": adherence,
         "by_layout": adherence_by_layout(per_seed["with_residual"], layouts),
+        "relation_outcomes": outcome_shares(outcomes),
         "teacher_forced": teacher_forced(pipe, prompts, real_tokens.indices, teacher_forced_scales, seeds, guidance_scale),
         "frechet": {key: mean_std(v) for key, v in frechet.items()},
         "reconstruction": {"num_images": num_images, "vaes": list(vaes) or [f"{model_name}/vae"],

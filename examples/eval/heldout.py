@@ -23,10 +23,10 @@ import functools
 import glob
 import json
 import os
-from typing import Dict, FrozenSet, Iterable, List, Set, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Sequence, Set, Tuple
 
 from adherence import parse_prompt
-from hart_pipeline.training.data import SyntheticShapesDataset
+from hart_pipeline.training.data import LAYOUT_WEIGHTS, SyntheticShapesDataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HELDOUT_PATH = os.path.join(HERE, "heldout_prompts.json")
@@ -37,15 +37,16 @@ SHIPPED_STREAMS = ((1, 5000),)  # (data_seed, num_samples) of the shipped transf
 NUM_PROMPTS = 256
 
 
-def captions(seed: int, num_samples: int, exclude: Iterable[str] = ()) -> Set[str]:
+def captions(seed: int, num_samples: int, exclude: Iterable[str] = (),
+             layout_weights: Sequence[float] = LAYOUT_WEIGHTS) -> Set[str]:
     """The captions of the first ``num_samples`` items of the dataset with ``seed`` (no rendering)."""
-    return set(_captions(seed, num_samples, frozenset(exclude)))
+    return set(_captions(seed, num_samples, frozenset(exclude), tuple(layout_weights)))
 
 
 @functools.lru_cache(maxsize=8)
-def _captions(seed: int, num_samples: int, exclude: FrozenSet[str]) -> FrozenSet[str]:
+def _captions(seed: int, num_samples: int, exclude: FrozenSet[str], layout_weights: Tuple[float, ...]) -> FrozenSet[str]:
     # cached: every evaluation re-checks the streams of examples/training/ (50,000 captions take seconds)
-    data = SyntheticShapesDataset(num_samples, 64, seed, exclude_captions=exclude)
+    data = SyntheticShapesDataset(num_samples, 64, seed, exclude_captions=exclude, layout_weights=layout_weights)
     return frozenset(data.caption(i) for i in range(num_samples))
 
 
@@ -79,8 +80,11 @@ def build(num_prompts: int = NUM_PROMPTS, seed: int = HELDOUT_SEED,
             "procedure": "examples/eval/heldout.py", "prompts": prompts}
 
 
-def training_streams(pattern: str = TRAINING_CONFIGS) -> List[Tuple[int, int, List[str]]]:
-    """(data_seed, num_samples, excluded captions) of every training config that defines a caption stream."""
+Stream = Tuple[int, int, List[str], Sequence[float]]  # data_seed, num_samples, excluded captions, layout weights
+
+
+def training_streams(pattern: str = TRAINING_CONFIGS) -> List[Stream]:
+    """The caption stream of every training config that defines one."""
     streams = []
     for path in sorted(glob.glob(pattern)):
         with open(path) as f:
@@ -90,15 +94,16 @@ def training_streams(pattern: str = TRAINING_CONFIGS) -> List[Tuple[int, int, Li
             if config.get("exclude_prompts"):
                 with open(os.path.join(REPO_ROOT, config["exclude_prompts"])) as f:  # relative to the repository
                     exclude = [p["prompt"] for p in json.load(f)["prompts"]]
-            streams.append((int(config["data_seed"]), int(config.get("num_samples", 5000)), exclude))
+            streams.append((int(config["data_seed"]), int(config.get("num_samples", 5000)), exclude,
+                            config.get("layout_weights", LAYOUT_WEIGHTS)))
     return streams
 
 
-def check_disjoint(prompts: Iterable[str], streams: Iterable[Tuple[int, int, List[str]]]) -> None:
+def check_disjoint(prompts: Iterable[str], streams: Iterable[Stream]) -> None:
     """``ValueError`` if a held-out prompt occurs among the captions of a training stream."""
     prompts = set(prompts)
-    for seed, num_samples, exclude in streams:
-        seen = prompts & captions(seed, num_samples, exclude)
+    for seed, num_samples, exclude, layout_weights in streams:
+        seen = prompts & captions(seed, num_samples, exclude, layout_weights)
         if seen:
             raise ValueError(f"{len(seen)} held-out prompts occur in the training stream data_seed={seed}, "
                              f"num_samples={num_samples} (e.g. {sorted(seen)[0]!r}): train with "

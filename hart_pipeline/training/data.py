@@ -7,6 +7,8 @@ files and no network. Three layouts:
 * relation: two different shapes in a spatial relation ("a red circle above a blue square");
 * count:    two or three identical shapes ("two green triangles").
 
+``layout_weights`` sets their relative frequencies (default 0.35 / 0.4 / 0.25).
+
 Captions are drawn from several templates and synonyms so that the text conditioning is really
 exercised. ``attributes`` lists ``(shape, colour, cx, cy)`` with centres in [0, 1] (x to the right,
 y downwards) for programmatic evaluation of generated images.
@@ -14,7 +16,7 @@ y downwards) for programmatic evaluation of generated images.
 
 import random
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -62,6 +64,8 @@ RELATIONS = {  # relation -> (words, offset of the first shape relative to the s
 }
 NUMBERS = {2: ("two", "2", "a pair of"), 3: ("three", "3", "three")}
 PREFIXES = ("", "", "a picture of ", "an image of ", "a drawing of ", "a simple render of ")
+LAYOUTS = ("single", "relation", "count")
+LAYOUT_WEIGHTS = (0.35, 0.4, 0.25)  # the default stream (every shipped model so far trained on it at first)
 SUFFIXES = ("", "", "", " on a dark background", ", plain background", ", simple shapes")
 
 
@@ -96,9 +100,22 @@ def render(objects: List[Tuple[str, str, float, float]], size: int, radius: floa
     return img.resize((size, size), Image.LANCZOS)
 
 
-def sample_scene(rng: random.Random) -> Tuple[str, List[Tuple[str, str, float, float]], float]:
-    """A random caption, its objects (shape, colour, cx, cy) and the shape radius (fraction of the side)."""
-    layout = rng.choices(("single", "relation", "count"), weights=(0.35, 0.4, 0.25))[0]
+def check_layout_weights(weights: Sequence[float]) -> Tuple[float, float, float]:
+    """``weights`` of the (single, relation, count) layouts as a tuple, or a ``ValueError`` naming the fix."""
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != len(LAYOUTS) or any(not w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"layout_weights must be {len(LAYOUTS)} non-negative numbers (for {', '.join(LAYOUTS)}) "
+                         f"with a positive sum, e.g. {list(LAYOUT_WEIGHTS)}; got {list(weights)}")
+    return weights
+
+
+def sample_scene(rng: random.Random, layout_weights: Sequence[float] = LAYOUT_WEIGHTS
+                 ) -> Tuple[str, List[Tuple[str, str, float, float]], float]:
+    """A random caption, its objects (shape, colour, cx, cy) and the shape radius (fraction of the side).
+
+    ``layout_weights``: relative frequencies of the single-object, two-object relation and count layouts.
+    """
+    layout = rng.choices(LAYOUTS, weights=layout_weights)[0]
     jitter = lambda: rng.uniform(-0.04, 0.04)  # noqa: E731
     if layout == "single":
         shape, colour, pos = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(POSITIONS))
@@ -143,10 +160,11 @@ class SyntheticShapesDataset(Dataset):
     """
 
     def __init__(self, num_samples: int = 10000, image_size: int = 64, seed: int = 0,
-                 exclude_captions: Iterable[str] = ()):
+                 exclude_captions: Iterable[str] = (), layout_weights: Sequence[float] = LAYOUT_WEIGHTS):
         self.num_samples = num_samples
         self.image_size = image_size
         self.seed = seed
+        self.layout_weights = check_layout_weights(layout_weights)
         # held-out prompts: a scene whose caption is one of them is redrawn from the item's own random stream
         self.exclude_captions = frozenset(exclude_captions)
 
@@ -157,9 +175,9 @@ class SyntheticShapesDataset(Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
         rng = random.Random(self.seed * 1_000_003 + index)
-        caption, objects, radius = sample_scene(rng)
+        caption, objects, radius = sample_scene(rng, self.layout_weights)
         while caption in self.exclude_captions:
-            caption, objects, radius = sample_scene(rng)
+            caption, objects, radius = sample_scene(rng, self.layout_weights)
         return rng, caption, objects, radius
 
     def caption(self, index: int) -> str:
@@ -187,4 +205,4 @@ def collate(batch: List[dict]) -> dict:
     }
 
 
-__all__ = ["COLOURS", "SHAPES", "ShapeItem", "SyntheticShapesDataset", "collate", "render", "sample_scene"]
+__all__ = ["COLOURS", "LAYOUTS", "LAYOUT_WEIGHTS", "SHAPES", "ShapeItem", "SyntheticShapesDataset", "collate", "check_layout_weights", "render", "sample_scene"]

@@ -35,7 +35,7 @@ from ..models.transformer import HARTTransformer
 from ..pipeline_hart import HARTPipeline
 from ..sampling import add_residual, decode_tokens, generate_tokens
 from ..scheduler import HARTResidualScheduler
-from .data import SyntheticShapesDataset, collate
+from .data import LAYOUT_WEIGHTS, SyntheticShapesDataset, check_layout_weights, collate
 from .losses import transformer_loss
 from .text import encode_captions, load_text_encoder
 from .utils import TrainingSession, add_optimisation_args, contact_sheet, log_and_checkpoint, lr_lambda, parse_with_config, save_args
@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--num_samples", type=int, default=5000)
     p.add_argument("--data_seed", type=int, default=1)
+    p.add_argument("--layout_weights", type=float, nargs=3, default=list(LAYOUT_WEIGHTS), metavar=("SINGLE", "RELATION", "COUNT"),
+                   help="relative frequencies of the single-object, two-object relation and count scenes")
     p.add_argument("--exclude_prompts", type=str, default=None,
                    help="JSON held-out prompt set ({'prompts': [{'prompt': ...}]}, e.g. examples/eval/heldout_prompts.json) "
                         "whose captions the training stream never draws")
@@ -140,9 +142,17 @@ def _exclusion_tag(args) -> str:
     return "" if not captions else "_x" + hashlib.sha1("\n".join(sorted(captions)).encode()).hexdigest()[:8]
 
 
+def _stream_tag(args) -> str:
+    """Cache-key part of the caption stream beyond its seed: the exclusion and non-default layout weights
+    ('' for the default stream, so earlier caches stay valid)."""
+    weights = check_layout_weights(args.layout_weights)
+    layouts = "" if weights == LAYOUT_WEIGHTS else "_l" + "-".join(f"{w:g}" for w in weights)
+    return _exclusion_tag(args) + layouts
+
+
 def training_dataset(args) -> SyntheticShapesDataset:
     return SyntheticShapesDataset(args.num_samples, args.image_size, args.data_seed,
-                                  exclude_captions=excluded_captions(args))
+                                  exclude_captions=excluded_captions(args), layout_weights=args.layout_weights)
 
 
 def _write_cache(path: str, tensors: dict, meta: dict) -> None:
@@ -155,7 +165,7 @@ def _write_cache(path: str, tensors: dict, meta: dict) -> None:
 def precompute_text(args, cache_dir: str, max_length: int) -> dict:
     """Text states (N, T, C) float32 + position ids (N, T) of every caption, cached."""
     tag = hashlib.sha1(f"{args.text_encoder_path}|{args.num_samples}|{args.image_size}|{args.data_seed}|{max_length}"
-                       f"{_exclusion_tag(args)}".encode()).hexdigest()[:10]
+                       f"{_stream_tag(args)}".encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"text_{tag}")
     cached = _cache(path)
     if cached is not None:
@@ -182,7 +192,7 @@ def precompute_tokens(args, cache_dir: str, tokenizer: HARTHybridTokenizer) -> d
     """Ground-truth indices (N, sum pn^2) int16 and residuals (N, Cv, h, w) of every image, cached."""
     tok_file = os.path.join(_resolve_tokenizer_path(args.tokenizer_path), "diffusion_pytorch_model.safetensors")
     digest = hashlib.sha1(open(tok_file, "rb").read()).hexdigest()[:10]
-    path = os.path.join(cache_dir, f"tokens_{digest}_{args.num_samples}_{args.image_size}_{args.data_seed}{_exclusion_tag(args)}")
+    path = os.path.join(cache_dir, f"tokens_{digest}_{args.num_samples}_{args.image_size}_{args.data_seed}{_stream_tag(args)}")
     cached = _cache(path)
     if cached is not None:
         return cached[0]
@@ -300,6 +310,7 @@ def export(args, session: TrainingSession, tokenizer: HARTHybridTokenizer, start
 
 def main(argv=None):
     args = parse_with_config(build_parser(), argv)
+    args.layout_weights = list(check_layout_weights(args.layout_weights))
     torch.set_num_threads(args.num_threads)
     if args.lora_rank and not args.pretrained_model:
         raise ValueError("--lora_rank needs --pretrained_model: LoRA adapts a trained pipeline.")
