@@ -2,7 +2,7 @@
 
 Procedure (deterministic): walk the items ``0, 1, 2, ...`` of ``SyntheticShapesDataset(seed=12345)`` (an
 index space whose random streams, ``seed * 1_000_003 + index``, do not overlap those of the training seeds
-0 and 1) and keep each caption that is new and not among the captions of the shipped transformer's training
+0 to 3) and keep each caption that is new and not among the captions of the shipped transformer's training
 stream (data seed 1, 5,000 items; the tokenizer never sees captions), one third per layout (single object,
 two objects in a relation, 2-3 identical objects; the layout read by the checker's prompt parser), until
 ``NUM_PROMPTS`` prompts are kept; they are stored in round-robin layout order, so any first N are
@@ -12,7 +12,7 @@ for the checker's ceiling.
 Training cannot see them: the transformer trainer's ``--exclude_prompts examples/eval/heldout_prompts.json``
 redraws any training scene whose caption is a held-out prompt (``SyntheticShapesDataset(exclude_captions=)``),
 and ``check_disjoint`` (run by ``evaluate.py`` on every load) re-checks that no held-out prompt occurs in the
-stream of any config in ``examples/training/`` (its ``data_seed``, ``num_samples`` and ``exclude_prompts``).
+stream of any config in ``examples/training/`` (its ``data_seed``, ``num_samples``, ``exclude_prompts`` and ``layout_weights``).
 Count prompts ("two green triangles") have few wordings, so without the exclusion a larger training stream
 would soon contain them all.
 
