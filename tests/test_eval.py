@@ -59,6 +59,14 @@ def test_relation_outcome_tells_swapped_colours_from_other_failures(objects, exp
     assert adherence.relation_outcome(image, "two red circles") is None  # not a relation prompt
 
 
+def test_swap_colours_exchanges_the_two_colour_words_only():
+    swapped = adherence.swap_colours("a picture of a green disk to the left of a purple box, plain background")
+    assert swapped == "a picture of a purple disk to the left of a green box, plain background"
+    assert adherence.parse_prompt(swapped).relation == "left of"
+    with pytest.raises(ValueError, match="two objects of different colours"):
+        adherence.swap_colours("two red circles")
+
+
 def test_checker_reads_colour_shape_position_and_count():
     image = np.asarray(render([("triangle", "yellow", 0.25, 0.5)], 64, 0.17, (0, 0, 0)))
     (found,) = adherence.find_objects(image)
@@ -144,6 +152,9 @@ def test_evaluate_writes_contact_sheet_and_report(tmp_path):
     shares = result["relation_outcomes"]  # the relation prompt's outcomes: shares that sum to one per seed
     assert set(shares) == set(adherence.RELATION_OUTCOMES)
     assert sum(v["mean"] for v in shares.values()) == pytest.approx(1.0) and "| swapped |" in report
+    probe = result["order_probe"]  # one two-colour relation scene: the true prompt explains it better or not
+    assert probe["num_scenes"] == 1 and probe["order_accuracy"] in (0.0, 1.0) and probe["scale"] == "2x2"
+    assert probe["ce_true"] > 0 and probe["ce_swapped"] > 0 and "Order probe (1 real scenes" in report
     # K = 0 forces nothing: the same draws as the unforced run (its discrete decoding)
     assert result["teacher_forced"][0] == result["adherence"]["discrete_only"]
     with pytest.raises(ValueError, match="--teacher-forced-scales"):

@@ -183,6 +183,16 @@ def score_image(image: np.ndarray, prompt: str) -> Dict[str, Optional[float]]:
     return scores
 
 
+def swap_colours(prompt: str) -> str:
+    """The prompt with the colour words of its two named objects exchanged ("a red circle above a blue square"
+    -> "a blue circle above a red square"); ``ValueError`` unless it names two objects of different colours."""
+    expect = parse_prompt(prompt)
+    if len(expect.objects) != 2 or expect.objects[0][0] == expect.objects[1][0]:
+        raise ValueError(f"prompt {prompt!r} does not name two objects of different colours")
+    (c1, _), (c2, _) = expect.objects
+    return re.sub(rf"\b({c1}|{c2})\b", lambda m: c2 if m.group(1).lower() == c1 else c1, prompt, flags=re.IGNORECASE)
+
+
 RELATION_OUTCOMES = ("right", "swapped", "wrong direction", "one colour twice", "a wrong colour", "fewer than two objects")
 
 
@@ -218,4 +228,4 @@ def mean_scores(rows: List[Dict[str, Optional[float]]]) -> Dict[str, Optional[fl
 
 
 __all__ = ["CRITERIA", "RELATION_OUTCOMES", "DetectedObject", "Expectation", "find_objects", "mean_scores", "parse_prompt",
-           "relation_outcome", "score_image"]
+           "relation_outcome", "score_image", "swap_colours"]
