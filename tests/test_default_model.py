@@ -58,16 +58,16 @@ def test_generates_offline_at_native_size(default_pipe, monkeypatch):
 
 @pytest.mark.parametrize("layout, criteria, max_missed", [
     ("single", ("colour", "position", "count"), 1),  # held-out rates: colour 0.98, position 1.00, count 1.00
-    ("count", ("count",), 2),  # 0.64: three objects sometimes touch or two are drawn
+    ("count", ("count",), 2),  # 0.70: three objects sometimes touch or two are drawn
     ("relation", ("count",), 1),  # two objects: 1.00
     pytest.param("relation", ("both_colours", "relation"), 1, marks=pytest.mark.xfail(
-        strict=True, reason="issue 11, open: two-object colour binding (both colours 0.41, relation 0.16 on the "
+        strict=True, reason="issue 11, open: two-object colour binding (both colours 0.60, relation 0.30 on the "
                             "held-out prompts, model card); passes once a retrained model binds colours")),
 ])
 def test_follows_held_out_prompts(default_pipe, layout, criteria, max_missed):
     """The first 6 held-out prompts of a layout, seed 0: at most ``max_missed`` miss one of ``criteria``.
 
-    The shape is not asked: the 64 px model draws shapes softly (model card: shape 0.50).
+    The shape is not asked: the 64 px model draws shapes softly (model card: shape 0.57).
     """
     prompts = _held_out_prompts(layout, 6)
     images = default_pipe(prompts, guidance_scale=4.5, generator=torch.Generator().manual_seed(0),
@@ -78,18 +78,36 @@ def test_follows_held_out_prompts(default_pipe, layout, criteria, max_missed):
     assert len(missed) <= max_missed, missed
 
 
-def test_readme_main_job_draws_its_prompt(tmp_path, monkeypatch):
-    """The README's main job (``hart generate PROMPT --out image.png``, default seed) draws what it asks:
-    a red object above a blue one (the circle comes out as a rounded square: shape is not asked)."""
+README_PROMPT = "a red circle above a blue square"
+
+
+@pytest.fixture(scope="module")
+def readme_main_job_image(tmp_path_factory):
+    """What the README's main job (``hart generate PROMPT --out image.png``, default seed) writes, run offline."""
     from PIL import Image
 
     from hart_pipeline.cli import main
 
-    prompt = "a red circle above a blue square"
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    assert f'hart generate "{prompt}" --out image.png' in readme
-    monkeypatch.setattr(socket.socket, "connect", _no_network)
-    main(["generate", prompt, "--out", str(tmp_path / "image.png")])
-    image = np.asarray(Image.open(tmp_path / "image.png").convert("RGB"))
-    scores = adherence.score_image(image, prompt)
+    assert f'hart generate "{README_PROMPT}" --out image.png' in readme
+    out = tmp_path_factory.mktemp("main_job") / "image.png"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", _no_network)
+        main(["generate", README_PROMPT, "--out", str(out)])
+    return np.asarray(Image.open(out).convert("RGB"))
+
+
+def test_readme_main_job_draws_two_objects_one_above_the_other(readme_main_job_image):
+    found = adherence.find_objects(readme_main_job_image)
+    assert readme_main_job_image.shape == (64, 64, 3) and len(found) == 2, found
+    top, bottom = sorted(found, key=lambda o: o.centre[1])
+    assert bottom.centre[1] - top.centre[1] > abs(bottom.centre[0] - top.centre[0])  # stacked vertically, as asked
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11, open: the model does not bind colours to places (order probe 55%); "
+                                       "for this prompt 6 of 24 seeds draw red above blue, seed 0 a green circle above "
+                                       "a red-pink square (model card); passes once a retrained model binds colours")
+def test_readme_main_job_draws_its_prompt(readme_main_job_image):
+    """Red above blue: the colours and their arrangement as the prompt asks."""
+    scores = adherence.score_image(readme_main_job_image, README_PROMPT)
     assert (scores["both_colours"], scores["relation"], scores["count"]) == (1.0, 1.0, 1.0), scores
