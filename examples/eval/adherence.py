@@ -55,6 +55,11 @@ class Expectation:
     relation: Optional[str] = None  # relation of objects[0] to objects[1]
     place: Optional[str] = None
 
+    @property
+    def two_colours(self) -> bool:
+        """Two named objects of different colours (what colour binding is measured on)."""
+        return len(self.objects) == 2 and self.objects[0][0] != self.objects[1][0]
+
 
 def _alternation(words) -> str:
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
@@ -187,7 +192,7 @@ def swap_colours(prompt: str) -> str:
     """The prompt with the colour words of its two named objects exchanged ("a red circle above a blue square"
     -> "a blue circle above a red square"); ``ValueError`` unless it names two objects of different colours."""
     expect = parse_prompt(prompt)
-    if len(expect.objects) != 2 or expect.objects[0][0] == expect.objects[1][0]:
+    if not expect.two_colours:
         raise ValueError(f"prompt {prompt!r} does not name two objects of different colours")
     (c1, _), (c2, _) = expect.objects
     return re.sub(rf"\b({c1}|{c2})\b", lambda m: c2 if m.group(1).lower() == c1 else c1, prompt, flags=re.IGNORECASE)
@@ -202,7 +207,7 @@ def relation_outcome(image: np.ndarray, prompt: str) -> Optional[str]:
     order ("swapped": the colours are not bound to their places) or neither ("wrong direction"); or the two
     largest share one colour; or one of them has a colour the prompt does not name; or there are fewer than two."""
     expect = parse_prompt(prompt)
-    if expect.relation is None or len(expect.objects) != 2 or expect.objects[0][0] == expect.objects[1][0]:
+    if expect.relation is None or not expect.two_colours:
         return None
     (c1, _), (c2, _) = expect.objects
     found = find_objects(image)[:2]

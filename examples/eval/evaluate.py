@@ -42,7 +42,7 @@ from heldout import HELDOUT_PATH, load_heldout  # noqa: E402
 
 from hart_pipeline import HARTHybridTokenizer, HARTPipeline, add_residual, decode_tokens, generate_tokens  # noqa: E402
 from hart_pipeline.default_model import load_default_pipeline  # noqa: E402
-from hart_pipeline.training.data import SyntheticShapesDataset, collate  # noqa: E402
+from hart_pipeline.training.data import LAYOUTS, SyntheticShapesDataset, collate  # noqa: E402
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -203,7 +203,7 @@ def adherence_by_layout(per_seed: List[List[Dict[str, Optional[float]]]], layout
     """{layout: {criterion: mean ± std over seeds}} from per-seed lists of per-image scores and each image's
     prompt layout (the held-out set's ``layout`` field)."""
     out = {}
-    for name in ("single", "relation", "count"):
+    for name in LAYOUTS:
         rows = [i for i, kind in enumerate(layouts) if kind == name]
         if rows:
             means = [mean_scores([scores[i] for i in rows]) for scores in per_seed]
@@ -230,7 +230,7 @@ def order_probe(pipe: HARTPipeline, prompts: List[str], indices: Sequence[torch.
     colour words swapped; ``order_accuracy``: the share of scenes the true prompt explains better (0.5: the
     colours are not bound to their places). None without such prompts or without a 2x2-like second scale."""
     rows = [i for i, expect in enumerate(map(parse_prompt, prompts))
-            if expect.relation is not None and expect.objects[0][0] != expect.objects[1][0]]
+            if expect.relation is not None and expect.two_colours]
     patch_nums = list(pipe.vae.config.patch_nums)
     if not rows or len(patch_nums) < 2:
         return None

@@ -26,7 +26,7 @@ import os
 from typing import Dict, FrozenSet, Iterable, List, Sequence, Set, Tuple
 
 from adherence import parse_prompt
-from hart_pipeline.training.data import LAYOUT_WEIGHTS, SyntheticShapesDataset
+from hart_pipeline.training.data import LAYOUT_WEIGHTS, LAYOUTS, SyntheticShapesDataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HELDOUT_PATH = os.path.join(HERE, "heldout_prompts.json")
@@ -62,7 +62,7 @@ def build(num_prompts: int = NUM_PROMPTS, seed: int = HELDOUT_SEED,
     excluded = list(excluded)
     seen = set().union(*(captions(s, n) for s, n in excluded))
     data = SyntheticShapesDataset(10 ** 7, 64, seed)
-    quota = {name: num_prompts // 3 + (i < num_prompts % 3) for i, name in enumerate(("single", "relation", "count"))}
+    quota = {name: num_prompts // 3 + (i < num_prompts % 3) for i, name in enumerate(LAYOUTS)}
     prompts, kept = [], set()
     index = 0
     while len(prompts) < num_prompts:
@@ -73,7 +73,7 @@ def build(num_prompts: int = NUM_PROMPTS, seed: int = HELDOUT_SEED,
             quota[kind] -= 1
             prompts.append({"index": index, "layout": kind, "prompt": caption})
         index += 1
-    by_layout = [[p for p in prompts if p["layout"] == name] for name in ("single", "relation", "count")]
+    by_layout = [[p for p in prompts if p["layout"] == name] for name in LAYOUTS]
     prompts = [p for group in zip(*by_layout) for p in group] + by_layout[0][len(by_layout[2]):]  # round robin:
     # any first N prompts are balanced across layouts
     return {"data_seed": seed, "excluded_streams": [{"data_seed": s, "num_samples": n} for s, n in excluded],

@@ -64,9 +64,9 @@ RELATIONS = {  # relation -> (words, offset of the first shape relative to the s
 }
 NUMBERS = {2: ("two", "2", "a pair of"), 3: ("three", "3", "three")}
 PREFIXES = ("", "", "a picture of ", "an image of ", "a drawing of ", "a simple render of ")
+SUFFIXES = ("", "", "", " on a dark background", ", plain background", ", simple shapes")
 LAYOUTS = ("single", "relation", "count")
 LAYOUT_WEIGHTS = (0.35, 0.4, 0.25)  # the default stream (every shipped model so far trained on it at first)
-SUFFIXES = ("", "", "", " on a dark background", ", plain background", ", simple shapes")
 
 
 def _article(word: str) -> str:
@@ -205,4 +205,5 @@ def collate(batch: List[dict]) -> dict:
     }
 
 
-__all__ = ["COLOURS", "LAYOUTS", "LAYOUT_WEIGHTS", "SHAPES", "ShapeItem", "SyntheticShapesDataset", "collate", "check_layout_weights", "render", "sample_scene"]
+__all__ = ["COLOURS", "LAYOUTS", "LAYOUT_WEIGHTS", "SHAPES", "ShapeItem", "SyntheticShapesDataset", "check_layout_weights",
+           "collate", "render", "sample_scene"]
