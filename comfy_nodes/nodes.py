@@ -516,7 +516,8 @@ NODE_SPECS: List[NodeSpec] = [
         "Stage 2: add the continuous residual with the residual diffusion head (add_residual).",
         [MODEL_IN, In("tokens", HART_TOKENS, "Tokens from HART AR Sampler."),
          In("steps", "INT", "Residual diffusion steps (official 8).", default=8, min=2, max=1000),
-         In("guidance", "FLOAT", "Residual guidance; -1 = the AR sampler's final-scale guidance (official).",
+         In("guidance", "FLOAT", "Residual guidance (0 = none); -1 = the model's default: its scheduler's guidance_scale "
+                                      "(0 for the built-in model), else the AR sampler's final-scale guidance (official).",
             default=-1.0, min=-1.0, max=30.0, step=0.1),
          In("seed", "INT", RESIDUAL_SEED_TIP, default=-1, min=-1, max=MAX_SEED, control_after_generate=False),
          In("preview", "BOOLEAN", "Show the finished latent (discrete + residual) as a cheap preview on the node.",

@@ -81,6 +81,9 @@ def validate_generate_args(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error(f"argument --num-images: must be >= 1; got {args.num_images}.")
     if not math.isfinite(args.cfg) or args.cfg < 0:
         parser.error(f"argument --cfg: must be a finite number >= 0 (0 disables guidance, 4.5 is official); got {args.cfg}.")
+    if args.residual_cfg is not None and (not math.isfinite(args.residual_cfg) or args.residual_cfg < 0):
+        parser.error(f"argument --residual-cfg: must be a finite number >= 0 (0 = no guidance in the residual stage; "
+                     f"leave it out for the model's default); got {args.residual_cfg}.")
     if args.model is not None and not os.path.isdir(args.model) and (os.path.exists(args.model) or args.model.count("/") > 1):
         parser.error(f"argument --model: {args.model} is neither a pipeline folder nor a Hub id (user/name).")
     limits = folder_limits(args.model)
@@ -130,12 +133,14 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         from .distributed import generate_from_file
 
         for path in generate_from_file(pipe, args.prompts, args.out_dir, seed=args.seed, height=size, width=size,
-                                       num_inference_steps=args.steps, guidance_scale=args.cfg):
+                                       num_inference_steps=args.steps, guidance_scale=args.cfg,
+                                       residual_guidance_scale=args.residual_cfg):
             print(path)
         return
     generator = torch.Generator().manual_seed(args.seed)
     images = pipe(args.prompt, height=size, width=size, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                  num_images_per_prompt=args.num_images, generator=generator).images
+                  residual_guidance_scale=args.residual_cfg, num_images_per_prompt=args.num_images,
+                  generator=generator).images
     root, ext = os.path.splitext(args.out)
     for i, image in enumerate(images):
         path = args.out if len(images) == 1 else f"{root}_{i}{ext}"
@@ -167,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="square image side (default: the model's native size; the built-in model: 64, 128, 256, 512)")
     gen.add_argument("--steps", type=int, default=8, help="residual diffusion steps, 2 to 1000 (default: 8, official)")
     gen.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale >= 0 (default: 4.5, official)")
+    gen.add_argument("--residual-cfg", type=float, default=None,
+                     help="guidance of the residual stage >= 0 (default: the model's; the built-in model's is 0, the "
+                          "released model's the final scale's guidance, official)")
     gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt (default: 1)")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     gen.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="weights dtype (default: bfloat16 on CUDA, float32 otherwise)")

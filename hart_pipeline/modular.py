@@ -129,7 +129,10 @@ class HARTResidualStep(ModularPipelineBlocks):
     @property
     def inputs(self) -> List[InputParam]:
         return [InputParam("tokens", required=True, type_hint=HARTTokens),
-                InputParam("num_inference_steps", type_hint=int, default=8), GENERATOR]
+                InputParam("num_inference_steps", type_hint=int, default=8),
+                InputParam("residual_guidance_scale", type_hint=float, default=None,
+                           description="None: the scheduler's guidance_scale, else the final-scale guidance (official)"),
+                GENERATOR]
 
     @property
     def intermediate_outputs(self) -> List[OutputParam]:
@@ -139,7 +142,8 @@ class HARTResidualStep(ModularPipelineBlocks):
     def __call__(self, components, state: PipelineState):
         block = self.get_block_state(state)
         block.tokens = add_residual(block.tokens, components.residual_head, components.scheduler,
-                                    block.num_inference_steps, generator=block.generator)
+                                    block.num_inference_steps, guidance_scale=block.residual_guidance_scale,
+                                    generator=block.generator)
         self.set_block_state(state, block)
         return components, state
 

@@ -34,7 +34,7 @@ from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens
 from .scheduler import HARTResidualScheduler
 from .schedules import supported_sizes
 from .validation import (CallArguments, check_bool, check_call_arguments, check_callback_output, check_device,
-                         check_dtype, check_finite_output, check_int, read_json_object)
+                         check_dtype, check_finite_output, check_int, check_residual_guidance, read_json_object)
 
 # The official HART system prompt (hart/utils/constants.py); the released model saw it before every prompt.
 SYSTEM_PROMPT = (
@@ -69,6 +69,9 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.long().cumsum(1) - 1
 
 
+_TOKENIZER_LOCK = threading.Lock()  # concurrent pipeline calls (threads) share the tokenizer's state
+
+
 @torch.no_grad()
 def encode_text(tokenizer, text_encoder, prompts: List[str], max_length: int,
                 system_prompt: Optional[str] = None, device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -79,15 +82,17 @@ def encode_text(tokenizer, text_encoder, prompts: List[str], max_length: int,
     returned: HART attends to all of them. ``device``: where the text encoder runs (default its own; the
     pipeline passes its execution device, which offloaded encoders do not report).
     """
-    ids = torch.stack([
-        tokenizer(p, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids[0]
-        for p in prompts
-    ])
+    with _TOKENIZER_LOCK:  # a fast tokenizer keeps its padding / truncation settings between calls
+        ids = torch.stack([
+            tokenizer(p, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids[0]
+            for p in prompts
+        ])
+        system = None if system_prompt is None else tokenizer(
+            system_prompt, max_length=max_length, truncation=True, return_tensors="pt").input_ids
     mask = (ids != tokenizer.pad_token_id).long()
     device = device or text_encoder.device
-    if system_prompt is None:
+    if system is None:
         return text_encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float(), mask
-    system = tokenizer(system_prompt, max_length=max_length, truncation=True, return_tensors="pt").input_ids
     system = system.repeat(len(prompts), 1)
     hidden = text_encoder(
         input_ids=torch.cat([system, ids], 1).to(device),
@@ -490,6 +495,7 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
         num_maskgit_iters: int = 1,
         guidance_stop_scale: Optional[int] = None,
         token_pruning: Optional[Dict[int, float]] = None,
+        residual_guidance_scale: Optional[float] = None,
         num_images_per_prompt: int = 1,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
@@ -522,6 +528,9 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
                 residual stage); the unconditional half of the batch is dropped there. None = official.
             token_pruning: opt-in speed-up (FastVAR): ``{patch side: fraction of tokens pruned}`` (e.g.
                 ``{48: 0.5, 64: 0.75}`` at 1024px). None = official. Trade-offs: ``benchmarks/fast_modes.py``.
+            residual_guidance_scale: guidance of the residual stage (HART's convention, 0 = the conditional
+                prediction alone). None: the scheduler's ``guidance_scale`` (the model's default; the built-in
+                model's is 0), else the final scale's guidance of the ramp (official).
             generator: a ``torch.Generator`` (or a list with one); the same seed gives the same images.
             prompt_embeds / prompt_attention_mask: precomputed text hidden states (B, T, Ct) and mask.
             output_type: "pil", "np", "pt" or "latent" (the :class:`HARTTokens`).
@@ -546,6 +555,7 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
             num_images_per_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds, output_type,
             callback_on_step_end_tensor_inputs, negative_prompt_attention_mask, generator, smooth, return_dict,
             callback_on_step_end, max_sequence_length)
+        residual_guidance_scale = check_residual_guidance("residual_guidance_scale", residual_guidance_scale)
         device = self._execution_device
         patch_nums = self.patch_nums_for_size(height, width)
         num_scales = len(patch_nums)
@@ -586,7 +596,7 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
                     token_pruning=token_pruning, callback=lambda si, _, latent: step_end(si, si, latent),
                 )
                 tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
-                                      generator=generator,
+                                      guidance_scale=residual_guidance_scale, generator=generator,
                                       callback=lambda i, t, x: step_end(num_scales + i, t, tokens.latent, x))
             except _Interrupted:
                 tokens = HARTTokens(indices=tokens.indices if tokens is not None else [], latent=running["latent"])

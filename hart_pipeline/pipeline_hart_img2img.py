@@ -13,7 +13,7 @@ import torch
 
 from .pipeline_hart import HARTPipeline, HARTPipelineOutput
 from .sampling import add_residual, decode_tokens, edit_tokens, encode_images
-from .validation import check_finite_output
+from .validation import check_finite_output, check_residual_guidance
 
 PipelineImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray],
                            List[torch.Tensor]]
@@ -74,6 +74,7 @@ class HARTImg2ImgPipeline(HARTPipeline):
         top_p: float,
         smooth: bool,
         num_maskgit_iters: int,
+        residual_guidance_scale: Optional[float],
         num_images_per_prompt: int,
         generator,
         prompt_embeds,
@@ -94,6 +95,7 @@ class HARTImg2ImgPipeline(HARTPipeline):
             negative_prompt_attention_mask, generator, smooth, return_dict, None, max_sequence_length)
         (num_inference_steps, guidance_scale, top_k, top_p, num_images_per_prompt, generator,
          max_sequence_length) = checked[2:]
+        residual_guidance_scale = check_residual_guidance("residual_guidance_scale", residual_guidance_scale)
         device = self._execution_device
         embeds, positions, neg_embeds, neg_positions = self.encode_prompt(
             prompt, negative_prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask,
@@ -118,7 +120,7 @@ class HARTImg2ImgPipeline(HARTPipeline):
                 callback=tick,
             )
             tokens = add_residual(tokens, self.residual_head, self.scheduler, num_inference_steps,
-                                  generator=generator, callback=tick)
+                                  guidance_scale=residual_guidance_scale, generator=generator, callback=tick)
 
         if output_type == "latent":
             images = tokens
@@ -147,6 +149,7 @@ class HARTImg2ImgPipeline(HARTPipeline):
         top_p: float = 0.0,
         smooth: bool = True,
         num_maskgit_iters: int = 1,
+        residual_guidance_scale: Optional[float] = None,
         num_images_per_prompt: int = 1,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
@@ -167,12 +170,14 @@ class HARTImg2ImgPipeline(HARTPipeline):
                 scales, 14 at 1024px): 0 = the image's reconstruction, 1 = text-to-image (same seed, same
                 image as ``HARTPipeline``).
             height, width: resize the image to this supported square size; default: the image's own size.
-            The other arguments are those of :meth:`HARTPipeline.__call__` (``num_maskgit_iters`` included).
+            The other arguments are those of :meth:`HARTPipeline.__call__` (``num_maskgit_iters`` and
+            ``residual_guidance_scale`` included).
 
         Examples:
         """
         return self._edit(prompt, self.prepare_image(image, height, width), None, strength, negative_prompt, num_inference_steps,
-                          guidance_scale, top_k, top_p, smooth, num_maskgit_iters, num_images_per_prompt, generator,
+                          guidance_scale, top_k, top_p, smooth, num_maskgit_iters, residual_guidance_scale,
+                          num_images_per_prompt, generator,
                           prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask,
                           output_type, return_dict, max_sequence_length)
 

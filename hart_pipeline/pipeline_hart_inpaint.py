@@ -122,6 +122,7 @@ class HARTInpaintPipeline(HARTImg2ImgPipeline):
         top_p: float = 0.0,
         smooth: bool = True,
         num_maskgit_iters: int = 1,
+        residual_guidance_scale: Optional[float] = None,
         num_images_per_prompt: int = 1,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
@@ -150,9 +151,10 @@ class HARTInpaintPipeline(HARTImg2ImgPipeline):
         originals = self.prepare_image(image, height, width)
         mask = self.prepare_mask(mask_image, originals, self.image_processor.get_default_height_width(image))
         return self._edit(prompt, originals, mask, strength, negative_prompt, num_inference_steps, guidance_scale,
-                          top_k, top_p, smooth, num_maskgit_iters, num_images_per_prompt, generator, prompt_embeds,
-                          prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask, output_type,
-                          return_dict, max_sequence_length, blend_original=blend_original)
+                          top_k, top_p, smooth, num_maskgit_iters, residual_guidance_scale, num_images_per_prompt,
+                          generator, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+                          negative_prompt_attention_mask, output_type, return_dict, max_sequence_length,
+                          blend_original=blend_original)
 
 
 HARTInpaintPipeline.__call__.__doc__ = HARTInpaintPipeline.__call__.__doc__.replace("        Examples:\n", EXAMPLE_DOC_STRING)

@@ -469,7 +469,10 @@ def add_residual(
     generator: Optional[torch.Generator] = None,
     callback: Optional[Callable[[int, int, torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> HARTTokens:
-    """Fill in the continuous residual of AR-stage tokens (guidance defaults to the final scale's).
+    """Fill in the continuous residual of AR-stage tokens.
+
+    Guidance: ``guidance_scale`` if given, else the scheduler's configured ``guidance_scale``, else (official)
+    the AR stage's final-scale guidance carried by ``tokens``.
 
     With ``tokens.residual_positions`` the groups are sampled one after the other (the official MaskGIT
     order of draws) and every other position keeps ``tokens.residual``. ``callback``: as in
@@ -481,7 +484,7 @@ def add_residual(
     if tokens.residual_condition is None:
         raise ValueError("These tokens carry no residual condition; they must come from generate_tokens().")
     B, Cv, h, w = tokens.latent.shape
-    g = tokens.residual_guidance if guidance_scale is None else guidance_scale
+    g = next(v for v in (guidance_scale, scheduler.config.get("guidance_scale"), tokens.residual_guidance) if v is not None)
     condition = tokens.residual_condition  # (2B, h*w, C)
     scale = head.config.residual_scale
     if tokens.residual_positions is None:  # every position at once (text-to-image): no gathering

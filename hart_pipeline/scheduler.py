@@ -15,9 +15,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .validation import boolean, check_config, check_int
+from .validation import boolean, check_config, check_int, check_residual_guidance
 
-CONFIG_RULES = {"num_train_timesteps": lambda name, value: check_int(name, value, 2, 100_000), "clip_sample": boolean}
+CONFIG_RULES = {
+    "num_train_timesteps": lambda name, value: check_int(name, value, 2, 100_000), "clip_sample": boolean,
+    "guidance_scale": check_residual_guidance,
+}
 
 
 @dataclass
@@ -57,17 +60,21 @@ class HARTResidualScheduler(SchedulerMixin, ConfigMixin):
 
     The model predicts ``[eps | v]`` (N, 2 Cv); ``v`` in [-1, 1] interpolates the log-variance between
     the clipped posterior variance and beta ("learned range"). Classifier-free guidance is mixed into
-    ``eps`` by the caller before :meth:`step`.
+    ``eps`` by the caller before :meth:`step` (:func:`hart_pipeline.sampling.sample_residual`).
 
     Args:
         num_train_timesteps: length of the training schedule.
         clip_sample: clip the predicted clean residual to [-1, 1].
+        guidance_scale: the residual stage's default guidance for the head it ships with, in HART's
+            convention ``(1 + g) eps_c - g eps_u`` (0 = the conditional prediction alone). None (official):
+            the AR stage's final-scale guidance. A call's ``residual_guidance_scale`` overrides it. The
+            built-in 64 px model sets 0: its small head's residuals overshoot under strong guidance (model card).
     """
 
     order = 1
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, clip_sample: bool = True):
+    def __init__(self, num_train_timesteps: int = 1000, clip_sample: bool = True, guidance_scale: Optional[float] = None):
         check_config("HARTResidualScheduler", locals(), CONFIG_RULES)
         self.train_betas = cosine_betas(num_train_timesteps)
         self.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - self.train_betas))

@@ -61,6 +61,15 @@ def check_float(name: str, value: Any, minimum: Optional[float] = None, maximum:
     return value
 
 
+def check_residual_guidance(name: str, value: Any) -> Optional[float]:
+    """A residual-stage guidance: None (the default chain of :func:`hart_pipeline.sampling.add_residual`) or a real >= 0."""
+    if value is None:
+        return None
+    return check_float(name, value, 0.0, hint=" 0 = no guidance (the conditional prediction alone); None = the "
+                                               "default: the scheduler's guidance_scale, else the AR stage's final-scale "
+                                               "guidance (official).")
+
+
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"`{name}` must be True or False; got {_describe(value)}.")
@@ -379,5 +388,5 @@ def check_config(component: str, values: Dict[str, Any], rules: Dict[str, Config
 __all__ = [
     "CallArguments", "DTYPE_NAMES", "check_bool", "check_call_arguments", "check_callback_output", "check_choice",
     "check_config", "check_device", "check_dtype", "check_finite_output", "check_float", "check_generator", "check_int", "check_mask",
-    "check_tensor",
+    "check_residual_guidance", "check_tensor",
 ]

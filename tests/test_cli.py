@@ -44,6 +44,8 @@ BAD = [
     (["--cfg", "nan"], "argument --cfg: must be a finite number"),
     (["--cfg", "-1"], "argument --cfg"),
     (["--cfg", "inf"], "argument --cfg"),
+    (["--residual-cfg", "-0.5"], "argument --residual-cfg: must be a finite number >= 0"),
+    (["--residual-cfg", "nan"], "argument --residual-cfg"),
     (["--num-images", "0"], "argument --num-images"),
     (["--device", "meta"], "argument --device: the meta device holds no data"),
     (["--device", "gpu0"], "argument --device: 'gpu0' is not a device"),

@@ -23,6 +23,7 @@ from comfy_nodes.registration import classic_mappings, v3_node  # noqa: E402
 
 import comfy_frontend as F  # noqa: E402
 from conftest import tiny_pipeline  # noqa: E402
+from hart_pipeline import HARTPipeline, HARTResidualScheduler  # noqa: E402
 
 PROMPT = "a red circle above a blue square"
 CLASSIC, DISPLAY = classic_mappings()
@@ -217,6 +218,19 @@ def test_residual_seed_and_guidance_options(model):
     assert not torch.allclose(a, c)
     assert N.residual_diffusion(model, tokens, 8, 2.0, -1)[0].tokens.residual_guidance == 2.0
     assert tokens.tokens.residual is None  # inputs are never modified in place
+
+
+def test_residual_guidance_default_is_the_models(pipe):
+    """guidance -1 = what HARTPipeline uses: the scheduler's guidance_scale when the model sets one."""
+    configured = HARTPipeline(**{**pipe.components, "scheduler": HARTResidualScheduler(guidance_scale=0.0)})
+    model = HARTModel(pipe=configured, name="tiny", device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                      dtype=torch.float32)
+    (pos,) = N.text_encode(model, PROMPT)
+    (tokens,) = N.ar_sample(model, pos, 1, 4.5, -1, 0.0, True, "auto", 1, 4)
+    out = N.residual_diffusion(model, tokens, 8, -1.0, -1)[0].tokens
+    assert out.residual_guidance == 0.0
+    expected = configured(PROMPT, generator=torch.Generator().manual_seed(1), output_type="latent").images
+    torch.testing.assert_close(out.residual, expected.residual)
 
 
 def test_interrupt_stops_the_ar_loop_between_scales(model, monkeypatch):

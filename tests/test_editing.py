@@ -94,6 +94,16 @@ def test_img2img_strength_zero_is_the_reconstruction_and_one_is_text_to_image(pi
     assert torch.equal(out, t2i)
 
 
+def test_edit_pipelines_take_the_residual_guidance(pipe, image):
+    for edit, extra in ((HARTImg2ImgPipeline.from_pipe(pipe), {}), (HARTInpaintPipeline.from_pipe(pipe), {"mask_image": box_mask()})):
+        tokens = edit(PROMPT, image=image, generator=gen(), output_type="latent", residual_guidance_scale=0.0, **extra).images
+        default = edit(PROMPT, image=image, generator=gen(), output_type="latent", **extra).images
+        assert tokens.residual_guidance == 0.0 < default.residual_guidance
+        assert torch.equal(tokens.latent, default.latent) and not torch.allclose(tokens.residual, default.residual)
+        with pytest.raises(ValueError, match="residual_guidance_scale"):
+            edit(PROMPT, image=image, residual_guidance_scale="high", **extra)
+
+
 def test_img2img_keeps_the_coarse_scales(pipe, image):
     img2img = HARTImg2ImgPipeline.from_pipe(pipe)
     tokens = img2img(PROMPT, image=image, strength=0.5, generator=gen(), output_type="latent").images

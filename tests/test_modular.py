@@ -23,7 +23,8 @@ def pipes():
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(negative_prompt="blue", guidance_scale=2.0, smooth=False),
-                                    dict(num_images_per_prompt=2, top_k=50, num_inference_steps=4)])
+                                    dict(num_images_per_prompt=2, top_k=50, num_inference_steps=4),
+                                    dict(residual_guidance_scale=0.0)])
 def test_blocks_give_the_pipeline_image(pipes, kwargs):
     pipe, modular = pipes
     kwargs = {"num_inference_steps": 3, **kwargs}

@@ -12,7 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hart_pipeline import HARTPipeline, HARTTokens
+from hart_pipeline import HARTPipeline, HARTResidualScheduler, HARTTokens
+from hart_pipeline.sampling import guidance_ramp
 from hart_pipeline.convert import convert
 
 from conftest import FIXTURES, tiny_pipeline
@@ -95,6 +96,34 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
     assert np.array_equal(run(pipe, output_type="np"), run(loaded, output_type="np"))
 
 
+def test_residual_guidance_scale_argument_then_scheduler_then_official(pipe):
+    """The residual stage's guidance: the call's ``residual_guidance_scale``, else the scheduler's configured
+    ``guidance_scale`` (a model's default), else the AR stage's final-scale guidance (official)."""
+    official = run(pipe, output_type="latent")
+    assert official.residual_guidance == guidance_ramp(4.5, len(official.indices))[-1] > 0
+    unguided = run(pipe, output_type="latent", residual_guidance_scale=0.0)
+    assert unguided.residual_guidance == 0.0
+    assert torch.equal(unguided.latent, official.latent)  # the AR stage is untouched
+    assert not torch.allclose(unguided.residual, official.residual)
+
+    configured = HARTPipeline(**{**pipe.components, "scheduler": HARTResidualScheduler.from_config(
+        pipe.scheduler.config, guidance_scale=0.0)}, use_system_prompt=pipe.config.use_system_prompt)
+    configured.set_progress_bar_config(disable=True)
+    assert torch.equal(run(configured, output_type="latent").residual, unguided.residual)
+    assert torch.equal(run(configured, output_type="latent", residual_guidance_scale=official.residual_guidance).residual,
+                       official.residual)  # the call's value wins over the scheduler's
+    with pytest.raises(ValueError, match="residual_guidance_scale"):
+        run(pipe, residual_guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="HARTResidualScheduler config: `guidance_scale`"):
+        HARTResidualScheduler(guidance_scale=float("nan"))
+
+
+def test_scheduler_guidance_survives_save_and_load(pipe, tmp_path):
+    configured = HARTPipeline(**{**pipe.components, "scheduler": HARTResidualScheduler(guidance_scale=0.0)})
+    configured.save_pretrained(tmp_path)
+    assert HARTPipeline.from_pretrained(tmp_path).scheduler.config.guidance_scale == 0.0
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -170,6 +199,14 @@ def test_cli_generate_writes_png(pipe, tmp_path):
            "--steps", "2", "--seed", "1"]
     subprocess.run(cmd, check=True, capture_output=True)
     assert PIL.Image.open(out).size == (64, 64)
+    official = np.asarray(PIL.Image.open(out))
+    subprocess.run(cmd + ["--residual-cfg", "0"], check=True, capture_output=True)
+    unguided = np.asarray(PIL.Image.open(out))
+    # --residual-cfg overrides the model's default, which is the scheduler's guidance_scale when the model sets one
+    HARTPipeline(**{**pipe.components, "scheduler": HARTResidualScheduler(guidance_scale=0.0)}).save_pretrained(
+        tmp_path / "model0")
+    subprocess.run([str(tmp_path / "model0") if a == str(model) else a for a in cmd], check=True, capture_output=True)
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), unguided) and not np.array_equal(unguided, official)
     bad = subprocess.run(cmd[:-4] + ["--size", "100"], capture_output=True, text=True)
     assert bad.returncode == 2 and "error:" in bad.stderr
 

@@ -100,6 +100,29 @@ def test_interrupt(pipe, stop_at):
     assert not pipe.interrupt  # every call starts uninterrupted
 
 
+def test_concurrent_prompt_encoding(pipe):
+    """Threads share the fast tokenizer, whose padding / truncation settings every call resets: the system prompt
+    (unpadded) and the prompts (padded) must not see each other's settings."""
+    expected = pipe.encode_prompt("a red circle")
+    results, errors = [], []
+    barrier = threading.Barrier(4)
+
+    def work():
+        try:
+            barrier.wait()
+            results.extend(pipe.encode_prompt("a red circle") for _ in range(10))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(results) == 40
+    assert all(torch.equal(r[0], expected[0]) and torch.equal(r[1], expected[1]) for r in results)
+
+
 def test_concurrent_calls_with_different_settings(pipe):
     """Two threads on one pipeline with different step counts: each gets its own sequential result."""
     settings = [dict(seed=1, num_inference_steps=2, guidance_scale=2.0), dict(seed=2, num_inference_steps=5, guidance_scale=4.5)]

@@ -2,6 +2,7 @@
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -355,6 +356,18 @@ def test_lora_mode_writes_a_lora_file_and_card_that_load_and_push(tmp_path, monk
     base = image()
     pipe.load_lora_weights(out)
     assert not np.array_equal(image(), base)
+
+
+def test_full_fine_tune_keeps_the_base_models_residual_sampler(tmp_path):
+    """A fine-tune of the built-in model exports its residual guidance (0), not the official default."""
+    from hart_pipeline.training import train_transformer
+
+    out = str(tmp_path / "finetune")
+    train_transformer.main(["--pretrained_model", "default", "--output_dir", out, "--no_text_encoder_export",
+                            "--image_size", "64", "--num_samples", "8", "--batch_size", "4", "--num_threads", "1",
+                            "--train_steps", "1", "--warmup_steps", "1"])
+    assert HARTPipeline.from_pretrained(out).scheduler.config.guidance_scale == 0.0
+    assert train_transformer.residual_sampler(SimpleNamespace(pretrained_model=None)).config.guidance_scale is None
 
 
 def test_bf16_gradient_checkpointing_and_eval_sheets_on_cpu(tmp_path, trained_tokenizer):

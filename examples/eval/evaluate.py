@@ -40,7 +40,8 @@ from adherence import (CRITERIA, RELATION_OUTCOMES, mean_scores, parse_prompt, r
                        score_image, swap_colours)
 from heldout import HELDOUT_PATH, load_heldout  # noqa: E402
 
-from hart_pipeline import HARTHybridTokenizer, HARTPipeline, add_residual, decode_tokens, generate_tokens  # noqa: E402
+from hart_pipeline import (HARTHybridTokenizer, HARTPipeline, HARTResidualScheduler, add_residual, decode_tokens,  # noqa: E402
+                           generate_tokens)
 from hart_pipeline.default_model import load_default_pipeline  # noqa: E402
 from hart_pipeline.training.data import LAYOUTS, SyntheticShapesDataset, collate  # noqa: E402
 
@@ -152,7 +153,8 @@ def write_report(result: Dict, path: str) -> None:
     a = result["adherence"]
     lines = [f"# Evaluation of `{result['model']}`", "",
              f"{result['num_prompts']} held-out prompts (`{os.path.basename(result['heldout'])}`) x sampling seeds "
-             f"{result['seeds']}, guidance {result['guidance_scale']}; mean ± std over seeds "
+             f"{result['seeds']}, guidance {result['guidance_scale']}, residual-stage guidance "
+             f"{result['residual_guidance']}; mean ± std over seeds "
              "(ceilings: one deterministic value).", "",
              "| prompt adherence | " + " | ".join(CRITERIA) + " | Fréchet distance |",
              "|---|" + "---|" * (len(CRITERIA) + 1)]
@@ -314,6 +316,8 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
         "model": model_name, "heldout": heldout_path, "num_prompts": num_prompts, "layouts": layouts,
         "patch_nums": list(pipe.vae.config.patch_nums), "seeds": list(seeds),
         "guidance_scale": guidance_scale, "adherence": adherence,
+        "residual_guidance": ("the final scale's (official)" if pipe.scheduler.config.get("guidance_scale") is None
+                              else pipe.scheduler.config.guidance_scale),
         "by_layout": adherence_by_layout(per_seed["with_residual"], layouts),
         "relation_outcomes": outcome_shares(outcomes),
         "order_probe": order_probe(pipe, prompts, real_tokens.indices),
@@ -331,6 +335,19 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
     return result
 
 
+def residual_guidance_arg(text: str):
+    """``--residual-guidance``: 'model', 'official' or a number >= 0."""
+    if text in ("model", "official"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected 'model', 'official' or a number >= 0; got {text!r}")
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="HART pipeline folder (default: the built-in model)")
@@ -344,8 +361,14 @@ def main(argv=None) -> None:
     parser.add_argument("--sheet-prompts", type=int, default=8, help="prompts (rows) on the contact sheet")
     parser.add_argument("--teacher-forced-scales", type=int, nargs="*", default=[], metavar="K",
                         help="also measure adherence with the first K scales taken from the real scenes (e.g. 0 2 4 5)")
+    parser.add_argument("--residual-guidance", default="model", metavar="G", type=residual_guidance_arg,
+                        help="the residual stage's guidance: 'model' (the model's default, as the pipeline uses it), "
+                             "'official' (the AR stage's final-scale guidance) or a number >= 0")
     args = parser.parse_args(argv)
     pipe = load_default_pipeline() if args.model is None else HARTPipeline.from_pretrained(args.model)
+    if args.residual_guidance != "model":  # 'official' -> None: the AR stage's final-scale guidance
+        value = None if args.residual_guidance == "official" else args.residual_guidance
+        pipe.scheduler = HARTResidualScheduler.from_config(pipe.scheduler.config, guidance_scale=value)
     pipe.set_progress_bar_config(disable=True)
     result = evaluate(pipe, args.model or "built-in default model", args.output_dir, args.num_prompts, args.seeds,
                       args.guidance_scale, args.num_images, args.vaes, args.sheet_prompts,

@@ -266,6 +266,13 @@ def add_lora(args, transformer: HARTTransformer, head: HARTResidualHead) -> None
         head.requires_grad_(False)
 
 
+def residual_sampler(args) -> HARTResidualScheduler:
+    """The residual sampler of the samples and of the exported pipeline: ``--pretrained_model``'s own (a fine-tune
+    keeps its base model's residual guidance, e.g. the built-in model's 0), else the official default."""
+    folder = os.path.join(args.pretrained_model, "scheduler") if args.pretrained_model else None
+    return HARTResidualScheduler.from_pretrained(folder) if folder and os.path.isdir(folder) else HARTResidualScheduler()
+
+
 def export(args, session: TrainingSession, tokenizer: HARTHybridTokenizer, start: float, checksums: list,
            full_state: dict) -> None:
     """Main process: the pipeline folder (full training) or the LoRA file + model card; push if asked.
@@ -296,7 +303,7 @@ def export(args, session: TrainingSession, tokenizer: HARTHybridTokenizer, start
         if not args.no_text_encoder_export:
             text_tokenizer, text_encoder = load_text_encoder(args.text_encoder_path)
         pipe = HARTPipeline(tokenizer=text_tokenizer, text_encoder=text_encoder, vae=tokenizer,
-                            transformer=final.transformer, residual_head=final.head, scheduler=HARTResidualScheduler(),
+                            transformer=final.transformer, residual_head=final.head, scheduler=residual_sampler(args),
                             use_system_prompt=False)
         pipe.save_pretrained(args.output_dir)  # HARTPipeline.from_pretrained(output_dir)
         if args.push_to_hub:
@@ -377,6 +384,8 @@ def main(argv=None):
     eval_context = text["hidden"][text["row"][:n_eval]]
     eval_positions = text["position_ids"][text["row"][:n_eval]]
 
+    sampler = residual_sampler(args)
+
     def evaluate(path: str) -> None:
         """Contact sheet of samples for the first dataset captions (fixed seed), captions in a JSON beside it."""
         model = session.unwrapped.eval()
@@ -384,7 +393,7 @@ def main(argv=None):
         with torch.no_grad(), accelerator.autocast():
             out = generate_tokens(model.transformer, tokenizer, eval_context.to(accelerator.device),
                                   eval_positions.to(accelerator.device), patch_nums=patch_nums, generator=g)
-            out = add_residual(out, model.head, HARTResidualScheduler(), generator=g)
+            out = add_residual(out, model.head, sampler, generator=g)
             images = decode_tokens(tokenizer, out)
         model.train()
         contact_sheet(images, min(4, n_eval), path)
