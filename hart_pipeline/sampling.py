@@ -25,6 +25,7 @@ from .models.residual_head import HARTResidualHead
 from .models.tokenizer import HARTHybridTokenizer
 from .models.transformer import HARTTransformer
 from .scheduler import HARTResidualScheduler
+from .validation import check_residual_guidance
 
 
 @dataclass
@@ -484,6 +485,7 @@ def add_residual(
     if tokens.residual_condition is None:
         raise ValueError("These tokens carry no residual condition; they must come from generate_tokens().")
     B, Cv, h, w = tokens.latent.shape
+    guidance_scale = check_residual_guidance("guidance_scale", guidance_scale)
     g = next(v for v in (guidance_scale, scheduler.config.get("guidance_scale"), tokens.residual_guidance) if v is not None)
     condition = tokens.residual_condition  # (2B, h*w, C)
     scale = head.config.residual_scale

@@ -1,6 +1,7 @@
 """The evaluation kit of examples/eval: the independent adherence checker, its prompt parser, the held-out
 prompt set (disjoint from training) and the contact sheet / report writer."""
 
+import argparse
 import json
 import os
 import sys
@@ -133,6 +134,13 @@ def test_transformer_trainer_reads_the_exclusion(tmp_path):
         train_transformer.excluded_captions(train_transformer.build_parser().parse_args(["--exclude_prompts", str(bad)]))
 
 
+def test_residual_guidance_option():
+    assert [evaluate.residual_guidance_arg(v) for v in ("model", "official", "0", "0.5")] == ["model", "official", 0.0, 0.5]
+    for bad in ("-1", "high", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="'model', 'official' or a number >= 0"):
+            evaluate.residual_guidance_arg(bad)
+
+
 def test_evaluate_writes_contact_sheet_and_report(tmp_path):
     from conftest import tiny_pipeline
 
@@ -157,6 +165,7 @@ def test_evaluate_writes_contact_sheet_and_report(tmp_path):
     assert probe["ce_true"] > 0 and probe["ce_swapped"] > 0 and "Order probe (1 real scenes" in report
     # K = 0 forces nothing: the same draws as the unforced run (its discrete decoding)
     assert result["teacher_forced"][0] == result["adherence"]["discrete_only"]
+    assert result["residual_guidance"] == "the final scale's (official)" and "residual-stage guidance the final" in report
     with pytest.raises(ValueError, match="--teacher-forced-scales"):
         evaluate.evaluate(pipe, "tiny", str(tmp_path), num_prompts=3, seeds=[0], guidance_scale=4.5, num_images=4,
                           teacher_forced_scales=[len(pipe.vae.config.patch_nums)])

@@ -50,6 +50,12 @@ def test_blocks_run_separately(pipes):
     assert all(torch.equal(a, b) for a, b in zip(tokens.indices, expected.indices))
 
 
+def test_bad_residual_guidance(pipes):
+    _, modular = pipes
+    with pytest.raises(ValueError, match="`guidance_scale` must be a real number >= 0.0"):
+        modular(prompt=PROMPTS[0], residual_guidance_scale=-2.0, num_inference_steps=2, output="images")
+
+
 def test_bad_output_type(pipes):
     _, modular = pipes
     with pytest.raises(ValueError, match="output_type"):

@@ -9,7 +9,8 @@
    prompts of ``heldout_prompts.json``) and the Fréchet distance to the real scenes of those prompts, with
    and without the residual stage, mean ± std over sampling seeds, also per layout (single object, two
    objects in a relation, counts). Ceilings: the checker on the real rendered scenes and on the tokenizer's
-   reconstructions of them.
+   reconstructions of them. The residual stage runs as the pipeline runs it, with the model's default
+   guidance (``--residual-guidance official`` or a number overrides it).
 3. Optional (``--teacher-forced-scales K ...``): where adherence is lost. The first K scales' tokens are
    those of the tokenizer's encoding of each prompt's real scene and the AR stage samples the rest; the
    adherence of those images (discrete decoding) against K shows which scales the model gets wrong.
@@ -21,6 +22,7 @@ Writes ``<output-dir>/contact_sheet.png`` (prompts x seeds, with the residual st
     python examples/eval/evaluate.py --model runs/hart --num-prompts 256 --num-images 512
     python examples/eval/evaluate.py --model runs/hart --vaes runs/tok_s0/vae runs/tok_s1/vae runs/tok_s2/vae
     python examples/eval/evaluate.py --teacher-forced-scales 0 2 4 5
+    python examples/eval/evaluate.py --num-prompts 256 --residual-guidance official
 """
 
 import argparse
