@@ -34,7 +34,7 @@ from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens
 from .scheduler import HARTResidualScheduler
 from .schedules import supported_sizes
 from .validation import (CallArguments, check_bool, check_call_arguments, check_callback_output, check_device,
-                         check_dtype, check_finite_output, check_int, check_residual_guidance, read_json_object)
+                         check_dtype, check_finite_output, check_int, read_json_object)
 
 # The official HART system prompt (hart/utils/constants.py); the released model saw it before every prompt.
 SYSTEM_PROMPT = (
@@ -437,7 +437,7 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
                      num_images_per_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
                      output_type, callback_on_step_end_tensor_inputs, negative_prompt_attention_mask=None,
                      generator=None, smooth=True, return_dict=True, callback_on_step_end=None,
-                     max_sequence_length=None) -> CallArguments:
+                     max_sequence_length=None, residual_guidance_scale=None) -> CallArguments:
         """Validate every argument of ``__call__`` (see :mod:`hart_pipeline.validation`); return the scalars as
         plain Python values (numpy / 0-d torch integers accepted). A bad one raises a ValueError naming it."""
         return check_call_arguments(
@@ -445,7 +445,7 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
             num_images_per_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
             negative_prompt_attention_mask, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
             generator=generator, smooth=smooth, return_dict=return_dict, max_sequence_length=max_sequence_length,
-            output_types=OUTPUT_TYPES,
+            output_types=OUTPUT_TYPES, residual_guidance_scale=residual_guidance_scale,
         )
 
     # ------------------------------------------------------------------------------------------------ call state
@@ -550,12 +550,11 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         (height, width, num_inference_steps, guidance_scale, top_k, top_p, num_images_per_prompt, generator,
-         max_sequence_length) = self.check_inputs(
+         max_sequence_length, residual_guidance_scale) = self.check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, top_k, top_p,
             num_images_per_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds, output_type,
             callback_on_step_end_tensor_inputs, negative_prompt_attention_mask, generator, smooth, return_dict,
-            callback_on_step_end, max_sequence_length)
-        residual_guidance_scale = check_residual_guidance("residual_guidance_scale", residual_guidance_scale)
+            callback_on_step_end, max_sequence_length, residual_guidance_scale)
         device = self._execution_device
         patch_nums = self.patch_nums_for_size(height, width)
         num_scales = len(patch_nums)

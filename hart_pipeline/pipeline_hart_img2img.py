@@ -13,7 +13,7 @@ import torch
 
 from .pipeline_hart import HARTPipeline, HARTPipelineOutput
 from .sampling import add_residual, decode_tokens, edit_tokens, encode_images
-from .validation import check_finite_output, check_residual_guidance
+from .validation import check_finite_output
 
 PipelineImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray],
                            List[torch.Tensor]]
@@ -92,10 +92,10 @@ class HARTImg2ImgPipeline(HARTPipeline):
         checked = self.check_inputs(
             prompt, negative_prompt, side, side, num_inference_steps, guidance_scale, top_k, top_p,
             num_images_per_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds, output_type, None,
-            negative_prompt_attention_mask, generator, smooth, return_dict, None, max_sequence_length)
+            negative_prompt_attention_mask, generator, smooth, return_dict, None, max_sequence_length,
+            residual_guidance_scale)
         (num_inference_steps, guidance_scale, top_k, top_p, num_images_per_prompt, generator,
-         max_sequence_length) = checked[2:]
-        residual_guidance_scale = check_residual_guidance("residual_guidance_scale", residual_guidance_scale)
+         max_sequence_length, residual_guidance_scale) = checked[2:]
         device = self._execution_device
         embeds, positions, neg_embeds, neg_positions = self.encode_prompt(
             prompt, negative_prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask,

@@ -486,7 +486,7 @@ def add_residual(
         raise ValueError("These tokens carry no residual condition; they must come from generate_tokens().")
     B, Cv, h, w = tokens.latent.shape
     guidance_scale = check_residual_guidance("guidance_scale", guidance_scale)
-    g = next(v for v in (guidance_scale, scheduler.config.get("guidance_scale"), tokens.residual_guidance) if v is not None)
+    g = next(v for v in (guidance_scale, scheduler.config.guidance_scale, tokens.residual_guidance) if v is not None)
     condition = tokens.residual_condition  # (2B, h*w, C)
     scale = head.config.residual_scale
     if tokens.residual_positions is None:  # every position at once (text-to-image): no gathering

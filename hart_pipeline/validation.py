@@ -191,6 +191,7 @@ class CallArguments(NamedTuple):
     num_images_per_prompt: int
     generator: Optional[torch.Generator]
     max_sequence_length: Optional[int]
+    residual_guidance_scale: Optional[float] = None
 
 
 def _check_prompts(name: str, prompt: Any, allow_none: bool) -> Optional[int]:
@@ -227,6 +228,7 @@ def check_call_arguments(
     return_dict=True,
     max_sequence_length=None,
     output_types: Sequence[str] = (),
+    residual_guidance_scale=None,
 ) -> CallArguments:
     """Validate every argument of ``HARTPipeline.__call__``; return the scalars as plain Python values."""
     if (prompt is None) == (prompt_embeds is None):
@@ -303,8 +305,9 @@ def check_call_arguments(
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` {sorted(unknown)} are not among "
                              f"{pipe._callback_tensor_inputs}.")
+    residual_guidance_scale = check_residual_guidance("residual_guidance_scale", residual_guidance_scale)
     return CallArguments(height, width, num_inference_steps, guidance_scale, top_k, top_p, num_images_per_prompt,
-                         generator, max_sequence_length)
+                         generator, max_sequence_length, residual_guidance_scale)
 
 
 def check_callback_output(output: Any, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ from heldout import HELDOUT_PATH, load_heldout  # noqa: E402
 from hart_pipeline import (HARTHybridTokenizer, HARTPipeline, HARTResidualScheduler, add_residual, decode_tokens,  # noqa: E402
                            generate_tokens)
 from hart_pipeline.default_model import load_default_pipeline  # noqa: E402
+from hart_pipeline.validation import check_residual_guidance  # noqa: E402
 from hart_pipeline.training.data import LAYOUTS, SyntheticShapesDataset, collate  # noqa: E402
 
 
@@ -318,7 +319,7 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
         "model": model_name, "heldout": heldout_path, "num_prompts": num_prompts, "layouts": layouts,
         "patch_nums": list(pipe.vae.config.patch_nums), "seeds": list(seeds),
         "guidance_scale": guidance_scale, "adherence": adherence,
-        "residual_guidance": ("the final scale's (official)" if pipe.scheduler.config.get("guidance_scale") is None
+        "residual_guidance": ("the final scale's (official)" if pipe.scheduler.config.guidance_scale is None
                               else pipe.scheduler.config.guidance_scale),
         "by_layout": adherence_by_layout(per_seed["with_residual"], layouts),
         "relation_outcomes": outcome_shares(outcomes),
@@ -342,12 +343,9 @@ def residual_guidance_arg(text: str):
     if text in ("model", "official"):
         return text
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected 'model', 'official' or a number >= 0; got {text!r}")
-    return value
+        return check_residual_guidance("--residual-guidance", float(text))
+    except ValueError:  # not a number, or not a finite one >= 0
+        raise argparse.ArgumentTypeError(f"expected 'model', 'official' or a number >= 0; got {text!r}") from None
 
 
 def main(argv=None) -> None:
