@@ -107,16 +107,28 @@ class HARTLoraLoaderMixin(LoraBaseMixin):
                                is_main_process=is_main_process, weight_name=weight_name or LORA_WEIGHT_NAME,
                                save_function=save_function, safe_serialization=True)
 
+    def _components_with_adapters(self, components: List[str], action: str) -> List[str]:
+        """The ``components`` that hold a LoRA adapter (a component without one is left alone), or a clear
+        error when none of them does."""
+        unknown = [c for c in components if c not in self._lora_loadable_modules]
+        if unknown:
+            raise ValueError(f"{action}: components {unknown} take no LoRA; choose from {self._lora_loadable_modules}.")
+        found = [c for c in components if getattr(getattr(self, c, None), "peft_config", None)]
+        if not found:
+            raise ValueError(f"{action}: no LoRA adapter is loaded in {list(components)}; "
+                             "call pipe.load_lora_weights(...) first.")
+        return found
+
     def fuse_lora(self, components: List[str] = ("transformer", "residual_head"), lora_scale: float = 1.0,
                   safe_fusing: bool = False, adapter_names: Optional[List[str]] = None, **kwargs) -> None:
-        """Merge the active adapters (scaled by ``lora_scale``) into the base weights of ``components``."""
-        components = [c for c in components if getattr(self, c, None) is not None and getattr(self, c).peft_config]
-        super().fuse_lora(components=components, lora_scale=lora_scale, safe_fusing=safe_fusing,
-                          adapter_names=adapter_names, **kwargs)
+        """Merge the active adapters (scaled by ``lora_scale``) into the base weights of those ``components``
+        that hold an adapter (an adapter may cover only the transformer or only the residual head)."""
+        super().fuse_lora(components=self._components_with_adapters(list(components), "fuse_lora"),
+                          lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs)
 
     def unfuse_lora(self, components: List[str] = ("transformer", "residual_head"), **kwargs) -> None:
         """Subtract fused adapters from the base weights again (the adapters stay loaded)."""
-        super().unfuse_lora(components=list(components), **kwargs)
+        super().unfuse_lora(components=self._components_with_adapters(list(components), "unfuse_lora"), **kwargs)
 
 
 def lora_layers(model: torch.nn.Module, adapter_name: str = "default") -> Dict[str, torch.Tensor]:

@@ -4,8 +4,7 @@ image); :class:`HARTBlocks` chains them.
 
     hart = HARTPipeline.from_pretrained(folder)
     pipe = HARTBlocks().init_pipeline()
-    pipe.update_components(**hart.components)
-    pipe.register_to_config(use_system_prompt=hart.config.use_system_prompt)
+    pipe.update_components(**hart.components, use_system_prompt=hart.config.use_system_prompt)
     image = pipe(prompt="a red circle", generator=torch.Generator().manual_seed(0), output="images")[0]
 """
 

@@ -123,3 +123,58 @@ def test_bad_lora_files_are_refused(tmp_path):
     save_file({"unet.down.lora_A.weight": torch.zeros(2, 2)}, foreign)
     with pytest.raises(ValueError, match="Not a HART LoRA"):
         pipe.load_lora_weights(str(foreign))
+
+
+@pytest.fixture(scope="module")
+def partial_loras(trained, tmp_path_factory):
+    """{covered component(s): (folder of a LoRA covering only them, output with that LoRA)} from the trained one."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    _, with_lora, folder = trained
+    path = os.path.join(folder, LORA_WEIGHT_NAME)
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    state = load_file(path)
+    out = {"both": (folder, with_lora)}
+    for name in ("transformer", "residual_head"):
+        sub = str(tmp_path_factory.mktemp(f"lora_{name}"))
+        save_file({k: v for k, v in state.items() if k.startswith(f"{name}.")}, os.path.join(sub, LORA_WEIGHT_NAME),
+                  metadata=metadata)
+        pipe = tiny_pipeline()
+        pipe.load_lora_weights(sub, adapter_name="part")
+        out[name] = (sub, generate(pipe))
+    return out
+
+
+@pytest.mark.parametrize("covered", ["transformer", "residual_head", "both"])
+def test_lora_on_one_component_fuses_scales_and_unloads(trained, partial_loras, covered):
+    """An adapter may cover only the transformer or only the head: the other component is left alone."""
+    base = trained[0]
+    folder, with_lora = partial_loras[covered]
+    assert (with_lora - base).abs().max() > 1e-3  # each part of the LoRA changes the image by itself
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(folder, adapter_name="part")
+    covers = {"transformer", "residual_head"} if covered == "both" else {covered}
+    assert set(pipe.get_list_adapters()) == covers
+    pipe.set_adapters("part", 0.0)
+    assert torch.allclose(generate(pipe), base, atol=1e-4)
+    pipe.set_adapters("part", 1.0)
+    assert torch.allclose(generate(pipe), with_lora, atol=1e-5)
+    pipe.fuse_lora()
+    assert pipe.num_fused_loras == 1
+    assert torch.allclose(generate(pipe), with_lora, atol=1e-4)
+    pipe.unfuse_lora()
+    assert pipe.num_fused_loras == 0
+    assert torch.allclose(generate(pipe), with_lora, atol=1e-4)
+    pipe.unload_lora_weights()
+    assert torch.allclose(generate(pipe), base, atol=1e-4)  # fuse + unfuse round the base weights (fp32 noise)
+    assert not any("lora_" in n for m in (pipe.transformer, pipe.residual_head) for n, _ in m.named_parameters())
+
+
+def test_fuse_without_an_adapter_says_what_to_do():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="no LoRA adapter is loaded.*load_lora_weights"):
+        pipe.fuse_lora()
+    with pytest.raises(ValueError, match="take no LoRA"):
+        pipe.fuse_lora(components=["vae"])

@@ -175,6 +175,29 @@ def test_dropped_tokens_leave_the_pass_and_the_head_sees_every_kept_token():
     assert not torch.allclose(out.logits[:, 14:], full[:, 14 + kept[0]], atol=1e-3)  # fewer keys for the kept
 
 
+def test_scale_loss_weights_weight_each_scales_ce():
+    """Uniform weights are the official loss; other weights are the per-scale weighted mean CE."""
+    tokenizer, transformer, head, tables, context, positions, tokens = _transformer_setup()
+    kept = torch.tensor([[0, 3, 5, 9, 15]] * 8)
+
+    def loss(weights):
+        return losses.transformer_loss(transformer, head, tokenizer, tables, context, positions, tokens.indices,
+                                       tokens.residual, cond_drop_prob=0.0, scale_loss_weights=weights,
+                                       generator=torch.Generator().manual_seed(0),
+                                       draws=losses.TransformerTrainingDraws(kept_positions=kept))
+
+    plain, uniform, coarse = loss(None), loss([1.0] * len(PATCH_NUMS)), loss([1.0] + [0.0] * (len(PATCH_NUMS) - 1))
+    assert torch.allclose(uniform.loss, plain.loss, atol=1e-6)
+    assert torch.equal(coarse.ce_loss, plain.ce_loss)  # the logged CE stays the plain mean
+    ce_first = torch.nn.functional.cross_entropy(plain.logits[:, 0], tokens.indices[0][:, 0])  # scale 1 = 1 token
+    assert torch.allclose(coarse.loss - coarse.diffusion_loss, ce_first, atol=1e-5)
+    weights = losses.scale_token_weights([1, 8, 4, 2], PATCH_NUMS, num_kept=5)
+    assert weights.tolist() == [1.0] + [8.0] * 4 + [4.0] * 9 + [2.0] * 5
+    for bad in ([1, 1], [1, -1, 1, 1], [0, 0, 0, 0], [1, float("nan"), 1, 1]):
+        with pytest.raises(ValueError, match="scale_loss_weights.*one finite weight >= 0 per scale"):
+            losses.scale_token_weights(bad, PATCH_NUMS, num_kept=5)
+
+
 def test_condition_dropout_zeroes_the_dropped_rows():
     tokenizer, transformer, head, tables, context, positions, tokens = _transformer_setup()
     out = losses.transformer_loss(transformer, head, tokenizer, tables, context, positions, tokens.indices,

@@ -36,7 +36,7 @@ from ..pipeline_hart import HARTPipeline
 from ..sampling import add_residual, decode_tokens, generate_tokens
 from ..scheduler import HARTResidualScheduler
 from .data import LAYOUT_WEIGHTS, SyntheticShapesDataset, check_layout_weights, collate
-from .losses import transformer_loss
+from .losses import scale_token_weights, transformer_loss
 from .text import encode_captions, load_text_encoder
 from .utils import TrainingSession, add_optimisation_args, contact_sheet, log_and_checkpoint, lr_lambda, parse_with_config, save_args
 
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cond_drop_prob", type=float, default=0.1)
     p.add_argument("--diffusion_batch_mul", type=int, default=4)
     p.add_argument("--diffusion_weight", type=float, default=1.0)
+    p.add_argument("--scale_loss_weights", type=float, nargs="+", default=None, metavar="W",
+                   help="one CE weight per scale (default: every token alike, the official loss); e.g. 1 8 4 2 1 1 "
+                        "for patch_nums 1 2 3 4 6 8 gives the coarse scales, where a scene's layout is decided, more say")
     # LoRA
     p.add_argument("--lora_rank", type=int, default=0, help="train LoRA adapters of this rank on --pretrained_model (0: full)")
     p.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
@@ -346,6 +349,8 @@ def main(argv=None):
     if not args.tokenizer_path:
         raise ValueError("--tokenizer_path (or --pretrained_model) is required")
     tokenizer = HARTHybridTokenizer.from_pretrained(_resolve_tokenizer_path(args.tokenizer_path)).eval().requires_grad_(False)
+    if args.scale_loss_weights is not None:  # a wrong count fails here, not after the caches are filled
+        scale_token_weights(args.scale_loss_weights, tokenizer.config.patch_nums, tokenizer.config.patch_nums[-1] ** 2)
     with accelerator.main_process_first():
         tokens = precompute_tokens(args, cache_dir, tokenizer)
     if args.precompute_only == "all":
@@ -364,7 +369,7 @@ def main(argv=None):
     module = TransformerTrainingModule(
         transformer, head, tokenizer, tables, patch_nums=patch_nums, token_dropping=not args.no_token_dropping,
         cond_drop_prob=args.cond_drop_prob, diffusion_batch_mul=args.diffusion_batch_mul,
-        diffusion_weight=args.diffusion_weight,
+        diffusion_weight=args.diffusion_weight, scale_loss_weights=args.scale_loss_weights,
     )
     decay, no_decay = [], []
     for name, p in module.named_parameters():
