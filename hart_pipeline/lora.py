@@ -14,8 +14,17 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict
+from diffusers.utils import is_peft_available
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PEFT_REQUIREMENT = "peft>=0.15"  # as in pyproject.toml
+
+
+def require_peft(what: str) -> None:
+    """PEFT is needed only once a LoRA is used: say what to install instead of diffusers' bare error."""
+    if not is_peft_available():
+        raise ImportError(f"{what} needs PEFT, which is not installed: pip install '{PEFT_REQUIREMENT}' "
+                          "(generation without a LoRA does not need it).")
 
 # Default LoRA targets (PEFT suffix match): every linear layer of the attention and the SwiGLU MLP of each
 # transformer block; the two linears of every residual block of the head.
@@ -67,6 +76,7 @@ class HARTLoraLoaderMixin(LoraBaseMixin):
                           adapter_name: Optional[str] = None, hotswap: bool = False, **kwargs) -> None:
         """Load a LoRA (folder, ``.safetensors`` file, Hub repo id or state dict) into the transformer and/or the
         residual head, as adapter ``adapter_name`` (default ``default_{i}``)."""
+        require_peft("load_lora_weights")
         if isinstance(pretrained_model_name_or_path_or_dict, dict):
             pretrained_model_name_or_path_or_dict = dict(pretrained_model_name_or_path_or_dict)
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
@@ -107,6 +117,17 @@ class HARTLoraLoaderMixin(LoraBaseMixin):
                                is_main_process=is_main_process, weight_name=weight_name or LORA_WEIGHT_NAME,
                                save_function=save_function, safe_serialization=True)
 
+    def _has_adapters(self) -> bool:
+        return any(getattr(getattr(self, c, None), "peft_config", None) for c in self._lora_loadable_modules)
+
+    def get_list_adapters(self) -> Dict[str, List[str]]:
+        """{component: its adapter names}; ``{}`` when no adapter is loaded (then PEFT is not needed)."""
+        return super().get_list_adapters() if self._has_adapters() else {}
+
+    def get_active_adapters(self) -> List[str]:
+        """The active adapters' names; ``[]`` when no adapter is loaded (then PEFT is not needed)."""
+        return super().get_active_adapters() if self._has_adapters() else []
+
     def _components_with_adapters(self, components: List[str], action: str) -> List[str]:
         """The ``components`` that hold a LoRA adapter (a component without one is left alone), or a clear
         error when none of them does."""
@@ -133,6 +154,7 @@ class HARTLoraLoaderMixin(LoraBaseMixin):
 
 def lora_layers(model: torch.nn.Module, adapter_name: str = "default") -> Dict[str, torch.Tensor]:
     """The PEFT state dict of one adapter of a component (what :meth:`save_lora_weights` takes)."""
+    require_peft("lora_layers")
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model, adapter_name=adapter_name)
@@ -143,5 +165,5 @@ def lora_metadata(model: torch.nn.Module, adapter_name: str = "default") -> dict
     return model.peft_config[adapter_name].to_dict()
 
 
-__all__ = ["HARTLoraLoaderMixin", "LORA_WEIGHT_NAME", "RESIDUAL_HEAD_LORA_TARGETS", "TRANSFORMER_LORA_TARGETS",
-           "lora_layers", "lora_metadata"]
+__all__ = ["HARTLoraLoaderMixin", "LORA_WEIGHT_NAME", "PEFT_REQUIREMENT", "RESIDUAL_HEAD_LORA_TARGETS",
+           "TRANSFORMER_LORA_TARGETS", "lora_layers", "lora_metadata", "require_peft"]

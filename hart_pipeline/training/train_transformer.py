@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from .. import hub
-from ..lora import LORA_WEIGHT_NAME, RESIDUAL_HEAD_LORA_TARGETS, TRANSFORMER_LORA_TARGETS, lora_layers, lora_metadata
+from ..lora import LORA_WEIGHT_NAME, RESIDUAL_HEAD_LORA_TARGETS, TRANSFORMER_LORA_TARGETS, lora_layers, lora_metadata, \
+    require_peft
 from ..models.residual_head import HARTResidualHead
 from ..models.tokenizer import HARTHybridTokenizer
 from ..models.transformer import HARTTransformer
@@ -257,6 +258,7 @@ def build_models(args, context_dim: int, tokenizer: HARTHybridTokenizer):
 
 def add_lora(args, transformer: HARTTransformer, head: HARTResidualHead) -> None:
     """Freeze the base weights and add trainable LoRA adapters ("default") to the chosen linears."""
+    require_peft("--lora_rank")
     from peft import LoraConfig
 
     alpha = args.lora_alpha or args.lora_rank
