@@ -19,7 +19,8 @@ from hart_pipeline.schedules import PATCH_NUMS
 
 from . import runtime
 from .handles import HART_CONDITIONING, HART_MODEL, HART_TOKENS, HARTConditioning, HARTModel, HARTTokenHandle
-from .validation import MAX_SEED, check_image, check_indices, check_number, check_seed, check_size
+from .validation import (MAX_SEED, check_batch_size, check_handle, check_image, check_indices, check_number, check_seed,
+                         check_size)
 
 CATEGORY = "HART"
 BUILTIN_MODEL = "built-in default model"
@@ -219,6 +220,7 @@ def tokenizer_encode(model: HARTModel, image: torch.Tensor, resize: str) -> Tupl
 
 
 def tokenizer_decode(model: HARTModel, tokens: HARTTokenHandle, discrete_only: bool) -> Tuple[torch.Tensor]:
+    check_handle("tokens", tokens, HARTTokenHandle, "HART AR Sampler, HART Residual Diffusion or HART Tokenizer Encode")
     check_indices("tokens", tokens.tokens.indices, model.pipe.vae.config.vocab_size)
     with model.stage("vae") as pipe:
         images = decode_tokens(pipe.vae, tokens.tokens, discrete_only=discrete_only)
@@ -236,6 +238,10 @@ def _check_maskgit(num_maskgit_iters: Optional[int]) -> int:
 
 def _condition_rows(positive: HARTConditioning, negative: Optional[HARTConditioning], batch_size: int):
     """(context, position_ids, negative context or None, negative position ids or None), batch_size per prompt."""
+    check_handle("positive", positive, HARTConditioning, "HART Text Encode")
+    if negative is not None:
+        check_handle("negative", negative, HARTConditioning, "HART Text Encode or HART Empty Conditioning")
+    check_batch_size(batch_size)
     if positive.is_empty:
         raise ValueError("`positive` must be a text conditioning (HART Text Encode), not the empty one.")
     context, position_ids = positive.rows(batch_size)
@@ -247,6 +253,9 @@ def _condition_rows(positive: HARTConditioning, negative: Optional[HARTCondition
             neg_context, neg_positions = neg_context.expand(B, -1, -1), neg_positions.expand(B, -1)
         if neg_context.shape[0] != B:
             raise ValueError(f"The negative conditioning has {neg_context.shape[0]} rows for {B} positive rows.")
+        if neg_context.shape[-1] != context.shape[-1]:
+            raise ValueError(f"The negative conditioning's text states are {neg_context.shape[-1]} wide, the positive's "
+                             f"{context.shape[-1]}: encode both with the same model's HART Text Encode.")
     return context, position_ids, neg_context, neg_positions
 
 
@@ -264,6 +273,8 @@ def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance:
     context, position_ids, neg_context, neg_positions = _condition_rows(positive, negative, batch_size)
     B = context.shape[0]
     prefix_indices = None
+    if prefix is not None:
+        check_handle("prefix", prefix, HARTTokenHandle, "HART Tokenizer Encode")
     if prefix is not None and keep_scales > 0:
         prefix_indices = [i if i.shape[0] == B else i.expand(B, -1) for i in prefix.tokens.indices[:keep_scales]]
         if prefix.batch_size not in (1, B):
@@ -273,6 +284,10 @@ def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance:
     auto = prefix.patch_nums[-1] * pipe.vae.downsample_factor if prefix is not None else None
     side = model_side(model, size, auto=auto)
     patch_nums = pipe.patch_nums_for_size(side, side)
+    if prefix_indices is not None and tuple(prefix.patch_nums[:keep_scales]) != tuple(patch_nums[:keep_scales]):
+        raise ValueError(f"The prefix was encoded at {prefix.patch_nums[-1] * pipe.vae.downsample_factor} px (scales "
+                         f"{tuple(prefix.patch_nums)}), the sampler draws {side} px (scales {tuple(patch_nums)}): set "
+                         f"`size` to auto, or encode the image at {side} px with HART Tokenizer Encode.")
     generator = _generator(seed)
     progress = runtime.Progress(len(patch_nums))
     with model.stage("transformer", "vae") as pipe:
@@ -290,6 +305,7 @@ def ar_sample(model: HARTModel, positive: HARTConditioning, seed: int, guidance:
 
 def residual_diffusion(model: HARTModel, tokens: HARTTokenHandle, steps: int, guidance: float, seed: int,
                        preview: Optional[bool] = None) -> Tuple[HARTTokenHandle]:
+    check_handle("tokens", tokens, HARTTokenHandle, "HART AR Sampler, HART Variation or HART Inpaint")
     check_seed("seed", seed, allow_continue=True)
     if not (isinstance(guidance, (int, float)) and guidance == -1):
         check_number("guidance", guidance, 0.0, 1000.0)
@@ -318,6 +334,7 @@ def residual_diffusion(model: HARTModel, tokens: HARTTokenHandle, steps: int, gu
 
 def generate(model: HARTModel, prompt: str, negative_prompt: str, seed: int, size: str, steps: int, guidance: float,
              batch_size: int, preview: Optional[bool] = None) -> Tuple[torch.Tensor]:
+    check_batch_size(batch_size)
     check_seed("seed", seed)
     check_number("guidance", guidance, 0.0, 1000.0)
     side = model_side(model, size)

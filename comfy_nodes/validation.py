@@ -20,6 +20,19 @@ def check_seed(name: str, seed, allow_continue: bool = False) -> int:
     return seed
 
 
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 64:
+        raise ValueError(f"`batch_size` must be a whole number from 1 to 64 (images per prompt); got {batch_size!r}.")
+    return batch_size
+
+
+def check_handle(name: str, value, cls: type, source: str):
+    """``value`` is a ``cls`` (a HART_MODEL / HART_CONDITIONING / HART_TOKENS handle), else a clear error."""
+    if not isinstance(value, cls):
+        raise ValueError(f"`{name}` must be the output of {source}; got {type(value).__name__} {value!r:.60}.")
+    return value
+
+
 def check_number(name: str, value, low: float, high: float, high_inclusive: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number; got {value!r}.")

@@ -94,7 +94,7 @@ def validate_generate_args(parser: argparse.ArgumentParser, args: argparse.Names
         valid = ", ".join(map(str, limits["sizes"])) if limits["sizes"] else "a positive size"
         parser.error(f"argument --size: this model generates square images of side {valid}; got {args.size}.")
     try:
-        device = check_device("--device", args.device) if args.device else None
+        device = check_device("--device", args.device) if args.device is not None else None
     except ValueError as e:
         parser.error(f"argument --device: {str(e).replace('`--device`: ', '')}")
     return {"device": device, "sizes": limits["sizes"]}

@@ -647,3 +647,29 @@ def test_manager_node_list_help_pages_aliases_and_registry_metadata():
     assert comfy["Icon"].endswith("comfy_nodes/web/icon.svg") and os.path.isfile(os.path.join(ROOT, "comfy_nodes/web/icon.svg"))
     assert comfy["requires-comfyui"].startswith(">=") and comfy["PublisherId"] and comfy["DisplayName"]
     assert "Operating System :: OS Independent" in project["project"]["classifiers"]
+
+
+def test_fuzz_findings_end_in_clear_errors(model):
+    """Values an outside fuzz campaign sent through links: each names the input and the fix."""
+    (pos,) = N.text_encode(model, PROMPT)
+    ar = dict(seed=0, guidance=4.5, top_k=-1, top_p=0.0, smooth=True, size="auto", batch_size=1, keep_scales=4)
+    for batch_size in (0, -1, 2.5, True, "2"):
+        with pytest.raises(ValueError, match="`batch_size` must be a whole number from 1 to 64"):
+            N.ar_sample(model, pos, **{**ar, "batch_size": batch_size})
+        with pytest.raises(ValueError, match="`batch_size` must be a whole number from 1 to 64"):
+            N.generate(model, PROMPT, "", 0, "auto", 8, 4.5, batch_size)
+    for not_tokens in ("tokens", None, pos):
+        with pytest.raises(ValueError, match="`tokens` must be the output of HART"):
+            N.tokenizer_decode(model, not_tokens, False)
+        with pytest.raises(ValueError, match="`tokens` must be the output of HART"):
+            N.residual_diffusion(model, not_tokens, steps=8, guidance=-1.0, seed=-1)
+    with pytest.raises(ValueError, match="`positive` must be the output of HART Text Encode"):
+        N.ar_sample(model, "a red circle", **ar)
+    narrow = HARTConditioning(embeds=torch.zeros(1, pos.embeds.shape[1], 7), position_ids=pos.position_ids)
+    with pytest.raises(ValueError, match="negative conditioning's text states are 7 wide.*same model's HART Text Encode"):
+        N.ar_sample(model, pos, **ar, negative=narrow)
+    (small,) = N.tokenizer_encode(model, torch.rand(1, 64, 64, 3), "none")  # scales 1 2 3 4 at 64 px
+    with pytest.raises(ValueError, match="prefix was encoded at 64 px.*encode the image at 256 px"):
+        N.ar_sample(model, pos, **{**ar, "size": "256", "keep_scales": 6}, prefix=small)  # 256 px: 1 2 3 4 5 6 ...
+    (tokens,) = N.ar_sample(model, pos, **{**ar, "size": "256", "keep_scales": 4}, prefix=small)  # shared scales
+    assert all(torch.equal(a, b) for a, b in zip(tokens.tokens.indices[:4], small.tokens.indices))

@@ -213,3 +213,23 @@ def test_scalar_checkers(check, args, match):
     with pytest.raises(ValueError, match=match):
         check(*args)
     assert check_int("n", np.uint8(3)) == 3 and check_float("x", torch.tensor(2)) == 2.0
+
+
+@pytest.mark.parametrize("prompt", [3, None, ["a red circle", 2], [], b"a red circle"])
+def test_encode_prompt_names_a_prompt_that_is_not_text(prompt):
+    from conftest import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="`prompt` must be a string or a non-empty list of strings"):
+        pipe.encode_prompt(prompt)
+    with pytest.raises(ValueError, match="`negative_prompt` must be a string or a non-empty list of strings"):
+        pipe.encode_prompt("a red circle", negative_prompt=7)
+
+
+def test_cli_refuses_an_empty_device(capsys, tmp_path):
+    from hart_pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a red circle", "--device", "", "--out", str(tmp_path / "never.png")])
+    assert exit_info.value.code == 2
+    assert "argument --device" in capsys.readouterr().err and not (tmp_path / "never.png").exists()
