@@ -25,7 +25,7 @@ from .models.residual_head import HARTResidualHead
 from .models.tokenizer import HARTHybridTokenizer
 from .models.transformer import HARTTransformer
 from .scheduler import HARTResidualScheduler
-from .validation import check_residual_guidance
+from .validation import check_residual_guidance, check_tensor
 
 
 @dataclass
@@ -212,6 +212,13 @@ def generate_tokens(
         or masks, the groups of positions whose residual is sampled).
     """
     patch_nums = tuple(patch_nums or transformer.config.patch_nums)
+    check_tensor("context", context, 3, hint=" Pass text hidden states (B, T, C), e.g. from pipe.encode_prompt.")
+    if negative_context is not None:
+        check_tensor("negative_context", negative_context, 3)
+        if negative_context.shape != context.shape:
+            raise ValueError(f"negative_context {tuple(negative_context.shape)} must have the shape of context "
+                             f"{tuple(context.shape)} (B, T, C): encode both prompts with the same text encoder and "
+                             "max_sequence_length.")
     if negative_context is None:
         negative_context = torch.zeros_like(context)
         negative_position_ids = torch.zeros_like(context_position_ids)
@@ -532,4 +539,7 @@ def encode_images(tokenizer: HARTHybridTokenizer, images: torch.Tensor, patch_nu
 def decode_tokens(tokenizer: HARTHybridTokenizer, tokens: HARTTokens, discrete_only: bool = False) -> torch.Tensor:
     """Hybrid tokens -> images in [0, 1] (B, 3, H, W); ``discrete_only`` drops the residual."""
     latent = tokens.latent if discrete_only or tokens.residual is None else tokens.latent + tokens.residual
+    if not bool(torch.isfinite(latent).all()):
+        raise ValueError("The tokens' latent holds NaN or infinite values (an edited latent or residual?); "
+                         "decode finite tokens, e.g. from generate_tokens / add_residual or vae.encode.")
     return (tokenizer.decode_latent(latent) + 1) / 2

@@ -575,9 +575,10 @@ def test_released_model_offline_gives_a_clear_error(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ model management
-def test_components_go_through_comfy_model_management(pipe, monkeypatch):
+def test_components_go_through_comfy_model_management(monkeypatch):
     """With comfy.model_management present, every stage loads its components with load_models_gpu (so other
     models' loads and "free memory" can evict them) and the offload switch unloads them after the stage."""
+    pipe = tiny_pipeline()  # its own: offloading to meta and back (to_empty) leaves uninitialised weights
     events = []
 
     class ModelPatcher:

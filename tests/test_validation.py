@@ -233,3 +233,21 @@ def test_cli_refuses_an_empty_device(capsys, tmp_path):
         main(["generate", "a red circle", "--device", "", "--out", str(tmp_path / "never.png")])
     assert exit_info.value.code == 2
     assert "argument --device" in capsys.readouterr().err and not (tmp_path / "never.png").exists()
+
+
+def test_stages_refuse_nan_or_mismatched_conditions_and_nan_latents():
+    from conftest import tiny_pipeline
+    from hart_pipeline import decode_tokens, generate_tokens
+
+    pipe = tiny_pipeline()
+    embeds, positions, _, _ = pipe.encode_prompt("a red circle")
+    with pytest.raises(ValueError, match="`context` contains NaN"):
+        generate_tokens(pipe.transformer, pipe.vae, torch.full_like(embeds, float("nan")), positions)
+    with pytest.raises(ValueError, match="negative_context .* must have the shape of context"):
+        generate_tokens(pipe.transformer, pipe.vae, embeds, positions, embeds[..., :7], positions)
+    with pytest.raises(ValueError, match="`context` must be a torch.Tensor"):
+        generate_tokens(pipe.transformer, pipe.vae, None, positions)
+    tokens = generate_tokens(pipe.transformer, pipe.vae, embeds, positions, generator=torch.Generator().manual_seed(0))
+    tokens.latent[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="latent holds NaN or infinite values"):
+        decode_tokens(pipe.vae, tokens)
