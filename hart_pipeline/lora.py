@@ -117,8 +117,12 @@ class HARTLoraLoaderMixin(LoraBaseMixin):
                                is_main_process=is_main_process, weight_name=weight_name or LORA_WEIGHT_NAME,
                                save_function=save_function, safe_serialization=True)
 
+    def _adapter_holders(self, components: List[str]) -> List[str]:
+        """Those of ``components`` that hold a LoRA adapter."""
+        return [c for c in components if getattr(getattr(self, c, None), "peft_config", None)]
+
     def _has_adapters(self) -> bool:
-        return any(getattr(getattr(self, c, None), "peft_config", None) for c in self._lora_loadable_modules)
+        return bool(self._adapter_holders(self._lora_loadable_modules))
 
     def get_list_adapters(self) -> Dict[str, List[str]]:
         """{component: its adapter names}; ``{}`` when no adapter is loaded (then PEFT is not needed)."""
@@ -134,7 +138,7 @@ class HARTLoraLoaderMixin(LoraBaseMixin):
         unknown = [c for c in components if c not in self._lora_loadable_modules]
         if unknown:
             raise ValueError(f"{action}: components {unknown} take no LoRA; choose from {self._lora_loadable_modules}.")
-        found = [c for c in components if getattr(getattr(self, c, None), "peft_config", None)]
+        found = self._adapter_holders(components)
         if not found:
             raise ValueError(f"{action}: no LoRA adapter is loaded in {list(components)}; "
                              "call pipe.load_lora_weights(...) first.")

@@ -33,8 +33,8 @@ from .models.transformer import HARTTransformer
 from .sampling import HARTTokens, add_residual, decode_tokens, generate_tokens
 from .scheduler import HARTResidualScheduler
 from .schedules import supported_sizes
-from .validation import (CallArguments, _check_prompts, check_bool, check_call_arguments, check_callback_output, check_device,
-                         check_dtype, check_finite_output, check_int, read_json_object)
+from .validation import (CallArguments, check_bool, check_call_arguments, check_callback_output, check_device,
+                         check_dtype, check_finite_output, check_int, check_prompts, read_json_object)
 
 # The official HART system prompt (hart/utils/constants.py); the released model saw it before every prompt.
 SYSTEM_PROMPT = (
@@ -177,11 +177,11 @@ def encode_prompt_embeds(
         return hidden, mask.to(device)
 
     if prompt_embeds is None:
-        _check_prompts("prompt", prompt, allow_none=False)
+        check_prompts("prompt", prompt, allow_none=False)
         prompt_embeds, prompt_attention_mask = encode(prompt)
     elif prompt_attention_mask is None:
         prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
-    _check_prompts("negative_prompt", negative_prompt, allow_none=True)
+    check_prompts("negative_prompt", negative_prompt, allow_none=True)
     if isinstance(negative_prompt, str):
         negative_prompt = [negative_prompt] * prompt_embeds.shape[0]
     if negative_prompt_embeds is None and negative_prompt is not None:

@@ -194,7 +194,7 @@ class CallArguments(NamedTuple):
     residual_guidance_scale: Optional[float] = None
 
 
-def _check_prompts(name: str, prompt: Any, allow_none: bool) -> Optional[int]:
+def check_prompts(name: str, prompt: Any, allow_none: bool) -> Optional[int]:
     """Number of prompts in ``prompt`` (a string or a non-empty list of strings)."""
     if prompt is None and allow_none:
         return None
@@ -241,7 +241,7 @@ def check_call_arguments(
         max_sequence_length = check_int("max_sequence_length", max_sequence_length, 1, limit,
                                         hint=" It is the number of text tokens (None = the transformer's context_tokens).")
     if prompt is not None:
-        batch = _check_prompts("prompt", prompt, allow_none=False)
+        batch = check_prompts("prompt", prompt, allow_none=False)
         tokens = max_sequence_length or pipe.transformer.config.context_tokens
     else:
         embeds_hint = f" Pass text-encoder hidden states shaped (batch, tokens, {context_dim})."
@@ -267,7 +267,7 @@ def check_call_arguments(
             check_mask(name, mask, tuple(embeds.shape[:2]))
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("Pass at most one of `negative_prompt` or `negative_prompt_embeds`.")
-    negatives = _check_prompts("negative_prompt", negative_prompt, allow_none=True)
+    negatives = check_prompts("negative_prompt", negative_prompt, allow_none=True)
     if not isinstance(negative_prompt, str) and negatives is not None and negatives != batch:
         raise ValueError(
             f"`negative_prompt` has {negatives} entries but there are {batch} prompts; pass one negative "

@@ -306,11 +306,11 @@ def transformer_loss(
     dropping = kept.shape[1] < num_last
     out = transformer(context, position_ids, scale_inputs, patch_nums, kept_positions=kept if dropping else None)
     targets = torch.cat(list(indices[:-1]) + [indices[-1].gather(1, kept)], dim=1)  # (B, L')
-    ce = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
+    per_token = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction="none").view(B, -1)
+    ce = per_token.mean()
     ce_objective = ce
     if scale_loss_weights is not None:
         weights = scale_token_weights(scale_loss_weights, patch_nums, kept.shape[1]).to(device)  # (L',)
-        per_token = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction="none").view(B, -1)
         ce_objective = (per_token * weights).sum() / (weights.sum() * B)
     accuracy = (out.logits.argmax(-1) == targets).float().mean()
 
