@@ -433,3 +433,55 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain, checkpointed = grads(False), grads(True)
     assert plain.keys() == checkpointed.keys() and len(plain) > 50
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def test_text_tokenizer_covers_the_captions_and_falls_back_to_sub_words():
+    from hart_pipeline.training.text import build_text_tokenizer
+
+    dataset = SyntheticShapesDataset(300, 32, 0)
+    tokenizer = build_text_tokenizer(dataset.item(i).caption for i in range(300))
+    caption = dataset.item(0).caption
+    assert tokenizer.unk_token_id not in tokenizer(caption).input_ids
+    assert len(tokenizer.tokenize("red")) == 1  # a caption word is one token
+    pieces = tokenizer.tokenize("a zebra-striped circle")  # words never seen: sub-word pieces, no [UNK]
+    assert "[UNK]" not in pieces and tokenizer.convert_tokens_to_string(pieces) == "a zebra - striped circle"
+
+
+def test_new_text_encoder_trains_jointly_resumes_exactly_and_is_exported(tmp_path, trained_tokenizer):
+    """--new_text_encoder: a BertModel + WordPiece tokenizer made from the captions, trained with the transformer
+    (its weights move), resumed exactly, and saved as the pipeline's text_encoder / tokenizer that load unchanged."""
+    from safetensors.torch import load_file
+
+    from hart_pipeline.training import train_transformer
+
+    args = COMMON + TRANSFORMER_ARGS + ["--tokenizer_path", trained_tokenizer, "--new_text_encoder",
+                                        "--text_encoder_layers", "1", "--text_encoder_width", "64",
+                                        "--checkpoint_every", "2", "--cache_dir", str(tmp_path / "cache")]
+
+    def run(out, steps, resume=None):
+        train_transformer.main(args + ["--output_dir", out, "--train_steps", str(steps)]
+                               + (["--resume", resume] if resume else []))
+        return load_file(os.path.join(out, "text_encoder", "model.safetensors"))
+
+    straight = run(str(tmp_path / "a"), 4)
+    init = load_file(os.path.join(tmp_path / "a", "text_encoder_init", "model.safetensors"))
+    moved = [k for k in init if not torch.equal(init[k], straight[k])]
+    assert "embeddings.word_embeddings.weight" in moved and any("attention" in k for k in moved)
+    assert all(torch.equal(init[k], straight[k]) for k in init if k.startswith("pooler."))  # never read: frozen
+    run(str(tmp_path / "b"), 2)
+    resumed = run(str(tmp_path / "b"), 4, "latest")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+    pipe = HARTPipeline.from_pretrained(str(tmp_path / "a"))  # --no_text_encoder_export does not drop a trained one
+    assert type(pipe.text_encoder).__name__ == "BertModel" and pipe.text_encoder.config.hidden_size == 64
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle above a blue square", generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_train_text_encoder_refuses_lora():
+    from hart_pipeline.training import train_transformer
+
+    with pytest.raises(ValueError, match="--train_text_encoder.*--lora_rank|Use one or the other"):
+        train_transformer.main(["--pretrained_model", "default", "--lora_rank", "4", "--new_text_encoder",
+                                "--output_dir", "unused"])

