@@ -1,6 +1,7 @@
 """HART (Hybrid Autoregressive Transformer) as native diffusers components."""
 
 from .models import HARTHybridTokenizer, HARTResidualHead, HARTTransformer, HybridTokens
+from .modular import HARTAutoregressiveStep, HARTBlocks, HARTDecodeStep, HARTResidualStep, HARTTextEncoderStep
 from .pipeline_hart import HARTPipeline, HARTPipelineOutput
 from .pipeline_hart_img2img import HARTImg2ImgPipeline
 from .pipeline_hart_inpaint import HARTInpaintPipeline, outpaint_canvas
@@ -19,6 +20,9 @@ if __name__ == "hart_pipeline":  # not in a folder's bundled copy (remote_code.p
 
 __all__ = [
     "PATCH_NUMS",
+    "HARTAutoregressiveStep",
+    "HARTBlocks",
+    "HARTDecodeStep",
     "HARTHybridTokenizer",
     "HARTImg2ImgPipeline",
     "HARTInpaintPipeline",
@@ -26,6 +30,8 @@ __all__ = [
     "HARTPipelineOutput",
     "HARTResidualHead",
     "HARTResidualScheduler",
+    "HARTResidualStep",
+    "HARTTextEncoderStep",
     "HARTTokens",
     "HARTTransformer",
     "HybridTokens",

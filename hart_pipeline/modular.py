@@ -8,6 +8,7 @@ image); :class:`HARTBlocks` chains them.
     image = pipe(prompt="a red circle", generator=torch.Generator().manual_seed(0), output="images")[0]
 """
 
+import os
 from typing import List
 
 import torch
@@ -123,7 +124,7 @@ class HARTResidualStep(ModularPipelineBlocks):
     @property
     def expected_components(self) -> List[ComponentSpec]:
         return [ComponentSpec("residual_head", HARTResidualHead),
-                ComponentSpec("scheduler", HARTResidualScheduler, default_creation_method="from_config")]
+                ComponentSpec("scheduler", HARTResidualScheduler)]
 
     @property
     def inputs(self) -> List[InputParam]:
@@ -185,7 +186,15 @@ class HARTDecodeStep(ModularPipelineBlocks):
 
 
 class HARTBlocks(SequentialPipelineBlocks):
-    """Text-to-image: text encoding -> AR loop -> residual loop -> decoding."""
+    """Text-to-image: text encoding -> AR loop -> residual loop -> decoding.
+
+    ``save_pretrained(folder)`` writes the blocks as Hub custom blocks: ``modular_config.json`` (its ``auto_map``
+    names ``modular_hart.HARTBlocks``) and ``modular_hart.py``, the package's inference code bundled in one file
+    (see :mod:`hart_pipeline.remote_code`), so ``ModularPipelineBlocks.from_pretrained(folder_or_repo,
+    trust_remote_code=True)`` works where this package is not installed. Saved beside a pipeline's components,
+    the folder is a whole Modular repo: ``ModularPipeline.from_pretrained(folder, trust_remote_code=True)``
+    then ``load_components()``.
+    """
 
     block_classes = [HARTTextEncoderStep, HARTAutoregressiveStep, HARTResidualStep, HARTDecodeStep]
     block_names = ["text_encoder", "autoregressive", "residual", "decode"]
@@ -193,6 +202,15 @@ class HARTBlocks(SequentialPipelineBlocks):
     @property
     def description(self) -> str:
         return "HART text-to-image: " + " -> ".join(self.block_names)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
+        from .remote_code import MODULAR_FILE, bundle_source
+
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, MODULAR_FILE + ".py"), "w") as f:
+            f.write(bundle_source())
+        self.register_to_config(auto_map={"ModularPipelineBlocks": f"{MODULAR_FILE}.{type(self).__name__}"})
+        self.save_config(save_directory=save_directory, push_to_hub=push_to_hub, **kwargs)
 
 
 __all__ = ["HARTAutoregressiveStep", "HARTBlocks", "HARTDecodeStep", "HARTResidualStep", "HARTTextEncoderStep"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Dict
 
 PIPELINE_FILE = "pipeline_hart"
+MODULAR_FILE = "modular_hart"  # Hub custom blocks (HARTBlocks.save_pretrained)
 COMPONENT_FILES = {"vae": "modeling_hart", "transformer": "modeling_hart", "residual_head": "modeling_hart",
                    "scheduler": "scheduling_hart"}
 # the package modules inference needs (training, the CLI, the converter and the built-in model stay out)
@@ -79,7 +80,7 @@ _package = importlib.import_module(PACKAGE)
 {exports}
 '''
 
-EXPORTS = ("HARTPipeline", "HARTImg2ImgPipeline", "HARTInpaintPipeline", "HARTTransformer", "HARTHybridTokenizer", "HARTResidualHead", "HARTResidualScheduler")
+EXPORTS = ("HARTBlocks", "HARTPipeline", "HARTImg2ImgPipeline", "HARTInpaintPipeline", "HARTTransformer", "HARTHybridTokenizer", "HARTResidualHead", "HARTResidualScheduler")
 # the module defining each component class (diffusers looks the load method's base class up in it)
 COMPONENT_MODULES = {"HARTTransformer": "models.transformer", "HARTHybridTokenizer": "models.tokenizer",
                      "HARTResidualHead": "models.residual_head", "HARTResidualScheduler": "scheduler"}

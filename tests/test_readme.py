@@ -46,8 +46,14 @@ def test_stages_snippet_gives_the_pipeline_image(session):
     assert [t.shape[1] for t in image_tokens.indices] == [pn * pn for pn in namespace["pipe"].transformer.config.patch_nums]
 
 
-def test_modular_snippet_gives_the_pipeline_image(session):
+def test_modular_snippet_gives_the_pipeline_image(session, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it saves hart-modular/
     namespace = dict(session)
     exec(readme_block("### Modular Diffusers"), namespace)
-    expected = pipeline_image(namespace["pipe"])
-    assert np.array_equal(np.asarray(namespace["image"]), (expected * 255).round().astype(np.uint8))
+    expected = (pipeline_image(namespace["pipe"]) * 255).round().astype(np.uint8)
+    assert np.array_equal(np.asarray(namespace["image"]), expected)
+    loaded = namespace["loaded"]
+    loaded.set_progress_bar_config(disable=True)
+    image = loaded(prompt="a red circle above a blue square", generator=torch.Generator().manual_seed(0),
+                   output="images")[0]
+    assert np.array_equal(np.asarray(image), expected)
