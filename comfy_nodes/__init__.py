@@ -23,6 +23,7 @@ from .nodes import NODE_SPECS, SPECS_BY_ID
 from .registration import classic_mappings
 
 runtime.register_model_folder()
+runtime.install_example_inputs()
 
 # Served by ComfyUI under /extensions/<pack>/: docs/<node id>.md are the nodes' help pages in the frontend.
 WEB_DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")

@@ -144,7 +144,12 @@ def load_model(model: str, text_encoder: str, dtype: str, device: str, offload: 
         raise ValueError(f"`dtype` must be one of {', '.join(DTYPES)}; got {dtype!r}.")
     if device not in DEVICES:
         raise ValueError(f"`device` must be one of {', '.join(DEVICES)}; got {device!r}.")
-    target = runtime.torch_device() if device == "auto" else torch.device(device)
+    if device == "auto":
+        target = runtime.torch_device()
+    else:
+        from hart_pipeline.validation import check_device
+
+        target = check_device("device", device)  # e.g. cuda on a CPU-only torch: say so, before any loading
     torch_dtype = DTYPES[dtype]
     if torch_dtype is None:
         torch_dtype = torch.bfloat16 if target.type == "cuda" else torch.float32

@@ -141,6 +141,34 @@ def unload_patchers(patchers: List) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- model folders
+# the images the example workflows load with LoadImage (they ship beside the workflows)
+EXAMPLE_INPUTS = ("hart_shapes.png",)
+EXAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
+
+
+def install_example_inputs() -> List[str]:
+    """Copy the example workflows' input images into ComfyUI's ``input/`` folder when they are not there yet
+    (a file of the same name is never replaced), so every example runs as opened. Returns the files written."""
+    fp = _module("folder_paths")
+    if fp is None or not hasattr(fp, "get_input_directory"):
+        return []
+    import shutil
+
+    written = []
+    target_dir = fp.get_input_directory()
+    for name in EXAMPLE_INPUTS:
+        source, target = os.path.join(EXAMPLE_DIR, name), os.path.join(target_dir, name)
+        if os.path.isfile(source) and not os.path.exists(target):
+            try:
+                os.makedirs(target_dir, exist_ok=True)
+                shutil.copyfile(source, target + ".tmp")
+                os.replace(target + ".tmp", target)  # whole or absent
+                written.append(target)
+            except OSError:  # a read-only input folder: the examples then need the image copied by hand
+                pass
+    return written
+
+
 def register_model_folder() -> None:
     """Register ``models/hart`` with ComfyUI's ``folder_paths`` (no-op outside ComfyUI)."""
     fp = _module("folder_paths")
@@ -231,19 +259,28 @@ def lora_roots() -> List[str]:
     return [r for r in dict.fromkeys(roots)]
 
 
+NO_LORA = "(no .safetensors file in models/loras)"  # shown instead of an empty list (ComfyUI shows "undefined")
+
+
 def list_loras() -> List[str]:
-    """'/'-separated names of the ``.safetensors`` files under the LoRA folders (what the trainer writes)."""
+    """'/'-separated names of the ``.safetensors`` files under the LoRA folders (what the trainer writes), or
+    [:data:`NO_LORA`] when there is none, so the widget says so and running the node explains what to do."""
     found: List[str] = []
     for root in lora_roots():
         for folder, _, files in os.walk(root):
             for file in sorted(files):
                 if file.endswith(".safetensors"):
                     found.append(os.path.relpath(os.path.join(folder, file), root).replace(os.sep, "/"))
-    return sorted(dict.fromkeys(found))
+    return sorted(dict.fromkeys(found)) or [NO_LORA]
 
 
 def resolve_lora(name: str) -> str:
     """Absolute path of a LoRA file listed by :func:`list_loras`."""
+    if name == NO_LORA:
+        raise FileNotFoundError(
+            f"No HART LoRA to load: {lora_roots() or ['ComfyUI/models/loras']} holds no .safetensors file. Make one with "
+            "`python -m hart_pipeline.training.train_transformer --pretrained_model default --lora_rank 8 --output_dir "
+            "runs/lora` and copy runs/lora/pytorch_lora_weights.safetensors there (any name), or bypass this node.")
     for root in lora_roots():
         path = os.path.join(root, *name.split("/"))
         if os.path.isfile(path):

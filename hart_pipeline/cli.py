@@ -5,18 +5,20 @@ status 2) naming the flag and the fix.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Dict, List, Optional
 
-from .convert import add_arguments as add_convert_arguments
-from .validation import DTYPE_NAMES, check_device, read_json_object
-
 MAX_SEED = 2**64 - 1
+# the names of validation.DTYPE_NAMES (kept here so that parsing needs no torch; a test keeps them equal)
+DTYPE_CHOICES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
 DEFAULT_STEPS_LIMIT = 1000  # the residual scheduler's num_train_timesteps when the folder does not say
 
 
 def _read_json(path: str) -> Optional[dict]:
+    from .validation import read_json_object
+
     try:
         return read_json_object(path)
     except (OSError, ValueError):
@@ -63,6 +65,12 @@ def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
         parser.error(f"argument --out: the folder {parent} is not writable.")
 
 
+def _looks_like_a_path(model: str) -> bool:
+    """A name no Hub id can be (user/name, no leading ./ or /, at most one slash), or an existing non-folder."""
+    return (os.path.exists(model) or model.count("/") > 1 or model.startswith((".", "/", "~")) or "\\" in model
+            or model.endswith("/"))
+
+
 def validate_generate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str, object]:
     """Check every ``hart generate`` argument before loading; exits with ``error:`` naming the flag."""
     import math
@@ -70,11 +78,22 @@ def validate_generate_args(parser: argparse.ArgumentParser, args: argparse.Names
     if (args.prompt is None) == (args.prompts is None):
         parser.error("give either a PROMPT or --prompts FILE (with --out-dir DIR), not both or neither.")
     if args.prompts is None:
+        if not args.prompt.strip():
+            parser.error("argument PROMPT: the prompt is empty; give the text to draw, e.g. \"a red circle above a "
+                         "blue square\".")
         _check_out(parser, args.out)
     elif not os.path.isfile(args.prompts):
         parser.error(f"argument --prompts: {args.prompts} is not a file (one prompt per line).")
-    elif os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        parser.error(f"argument --out-dir: {args.out_dir} exists and is not a folder.")
+    else:
+        try:
+            with open(args.prompts, encoding="utf-8") as f:
+                blank = not any(line.strip() for line in f)
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"argument --prompts: cannot read {args.prompts} as UTF-8 text ({e}).")
+        if blank:
+            parser.error(f"argument --prompts: {args.prompts} holds no prompt; write one prompt per line.")
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            parser.error(f"argument --out-dir: {args.out_dir} exists and is not a folder.")
     if not 0 <= args.seed <= MAX_SEED:
         parser.error(f"argument --seed: must be in [0, 2**64 - 1]; got {args.seed}.")
     if args.num_images < 1:
@@ -84,8 +103,20 @@ def validate_generate_args(parser: argparse.ArgumentParser, args: argparse.Names
     if args.residual_cfg is not None and (not math.isfinite(args.residual_cfg) or args.residual_cfg < 0):
         parser.error(f"argument --residual-cfg: must be a finite number >= 0 (0 = no guidance in the residual stage; "
                      f"leave it out for the model's default); got {args.residual_cfg}.")
-    if args.model is not None and not os.path.isdir(args.model) and (os.path.exists(args.model) or args.model.count("/") > 1):
-        parser.error(f"argument --model: {args.model} is neither a pipeline folder nor a Hub id (user/name).")
+    if args.model is not None and not os.path.isdir(args.model) and _looks_like_a_path(args.model):
+        parser.error(f"argument --model: there is no folder {args.model}; give a HART pipeline folder (one with "
+                     "model_index.json) or a Hub id such as user/name.")
+    if args.model is not None and os.path.isdir(args.model):
+        index = _read_json(os.path.join(args.model, "model_index.json"))
+        if index is None:
+            parser.error(f"argument --model: {args.model} has no readable model_index.json; give a HART pipeline "
+                         "folder (as `hart convert` or the trainer writes it).")
+        if any(not (isinstance(index.get(part), list) and index[part][:1] != [None]
+                    and os.path.isdir(os.path.join(args.model, part))) for part in ("text_encoder", "tokenizer")):
+            parser.error(f"argument --model: {args.model} has no text encoder (text_encoder/ and tokenizer/), so "
+                         "`hart generate` cannot read a prompt. Convert with `hart convert SRC DST --text-encoder "
+                         "mit-han-lab/Qwen2-VL-1.5B-Instruct` (the released model's), or load it in Python with "
+                         "HARTPipeline.from_pretrained(folder, text_encoder=..., tokenizer=...).")
     limits = folder_limits(args.model)
     if not 2 <= args.steps <= limits["max_steps"]:
         parser.error(f"argument --steps: residual diffusion steps must be in [2, {limits['max_steps']}] (official 8); "
@@ -93,6 +124,8 @@ def validate_generate_args(parser: argparse.ArgumentParser, args: argparse.Names
     if args.size is not None and (args.size < 1 or (limits["sizes"] is not None and args.size not in limits["sizes"])):
         valid = ", ".join(map(str, limits["sizes"])) if limits["sizes"] else "a positive size"
         parser.error(f"argument --size: this model generates square images of side {valid}; got {args.size}.")
+    from .validation import check_device  # (imports torch: after every check that needs none)
+
     try:
         device = check_device("--device", args.device) if args.device is not None else None
     except ValueError as e:
@@ -100,14 +133,37 @@ def validate_generate_args(parser: argparse.ArgumentParser, args: argparse.Names
     return {"device": device, "sizes": limits["sizes"]}
 
 
+# Loggers that print on import when an optional package is installed but cannot load on this machine (torchao's
+# CUDA-only libraries on a CPU torch, and what that makes torch / diffusers say): not this command's business.
+IMPORT_NOISE = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+@contextlib.contextmanager
+def quiet_import_noise():
+    """Errors only from :data:`IMPORT_NOISE` while the libraries are imported."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in IMPORT_NOISE]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     checked = validate_generate_args(parser, args)
 
-    import diffusers
-    import torch
-    import transformers
+    with quiet_import_noise():
+        import diffusers
+        import torch
+        import transformers
 
-    from .pipeline_hart import HARTPipeline
+        from .pipeline_hart import HARTPipeline
+        from .validation import DTYPE_NAMES
 
     if checked["device"] is None and args.prompts:  # under `accelerate launch`, each process takes its own device
         from accelerate import PartialState
@@ -122,7 +178,14 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
         pipe = load_default_pipeline(dtype)
     else:
-        pipe = HARTPipeline.from_pretrained(args.model, dtype=dtype)
+        try:
+            pipe = HARTPipeline.from_pretrained(args.model, dtype=dtype)
+        except OSError as e:
+            if os.path.isdir(args.model):
+                raise
+            raise OSError(f"--model {args.model}: no such folder here, and no Hub repo of that name could be loaded "
+                          "(offline without a cached copy, a mistyped id, or a private repo: run `hf auth login` "
+                          f"first). Check the name; a Hub id looks like user/name. The Hub said: {str(e).replace(' Please check out the root cause in the stacktrace above.', '')}") from None
     pipe.to(device)
     pipe.set_progress_bar_config(desc="hart generate")
     size = args.size or pipe.default_size
@@ -149,9 +212,20 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 
 def _convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from .convert import run
+    with quiet_import_noise():
+        from .convert import run
 
     run(args)
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """The converter's command-line arguments (``hart convert`` and ``python -m hart_pipeline.convert``)."""
+    parser.add_argument("src", help="official checkpoint folder (with llm/ and tokenizer/) or its llm/ folder")
+    parser.add_argument("dst", help="output folder (diffusers layout; created if missing)")
+    parser.add_argument("--ema", dest="ema", action="store_true", default=True, help="use llm/ema_model.bin (default)")
+    parser.add_argument("--no-ema", dest="ema", action="store_false", help="use llm/pytorch_model.bin instead")
+    parser.add_argument("--text-encoder", help="Qwen2 text model folder or Hub id to include in the pipeline")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this Hub repo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output image file, .png/.jpg/.webp ... (several images get _0, _1, ... suffixes; default: image.png)")
     gen.add_argument("--seed", type=int, default=0, help="random seed in [0, 2**64 - 1]; the same seed gives the same image")
     gen.add_argument("--size", type=int,
-                     help="square image side (default: the model's native size; the built-in model: 64, 128, 256, 512)")
+                     help="square image side (default: the size the model was trained at, 64 for the built-in model; other "
+                          "HART sizes run with a warning: a model draws well only at the sizes it was trained for)")
     gen.add_argument("--steps", type=int, default=8, help="residual diffusion steps, 2 to 1000 (default: 8, official)")
     gen.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale >= 0 (default: 4.5, official)")
     gen.add_argument("--residual-cfg", type=float, default=None,
@@ -177,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "released model's the final scale's guidance, official)")
     gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt (default: 1)")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
-    gen.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="weights dtype (default: bfloat16 on CUDA, float32 otherwise)")
+    gen.add_argument("--dtype", choices=DTYPE_CHOICES, help="weights dtype (default: bfloat16 on CUDA, float32 otherwise)")
     gen.set_defaults(func=_generate, parser=gen)
 
     conv = sub.add_parser("convert", help="convert an official HART checkpoint to a diffusers folder",

@@ -136,9 +136,12 @@ def _check_keys(name: str, model: torch.nn.Module, state: Dict[str, torch.Tensor
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
                    for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or wrong:
+    floats = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    not_float = sorted(f"{k} ({state[k].dtype})" for k in floats & set(state) if not state[k].is_floating_point())
+    if missing or unexpected or wrong or not_float:
         lines = [f"The {name} weights do not match its config:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                             ("not floating point (a damaged or foreign checkpoint)", not_float)):
             if items:
                 shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
                 lines.append(f"  {title}: {shown}")
@@ -183,7 +186,11 @@ def _locate(src: str) -> Tuple[str, str]:
     else:
         raise CheckpointError(f"{src} is not an official HART checkpoint: expected a folder with llm/ and tokenizer/.")
     config = _read_config(llm, {"hart_transformer_t2i"})
-    tokenizer = config.get("vae_path") or os.path.join(os.path.dirname(llm), "tokenizer")
+    vae_path = config.get("vae_path")
+    if vae_path is not None and not (isinstance(vae_path, str) and vae_path.strip()):
+        raise CheckpointError(f"{os.path.join(llm, 'config.json')}: vae_path must be a folder path or null (the "
+                              f"tokenizer/ folder beside llm/); got {vae_path!r}.")
+    tokenizer = vae_path or os.path.join(os.path.dirname(llm), "tokenizer")
     if not os.path.isdir(tokenizer):
         raise CheckpointError(f"The tokenizer folder {tokenizer} of {llm} does not exist.")
     return llm, tokenizer
@@ -292,16 +299,6 @@ def convert(src: str, dst: str, ema: bool = True, text_encoder: Optional[str] = 
     return pipe
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The converter's command-line arguments (``python -m hart_pipeline.convert`` and ``hart convert``)."""
-    parser.add_argument("src", help="official checkpoint folder (with llm/ and tokenizer/) or its llm/ folder")
-    parser.add_argument("dst", help="output folder (diffusers layout; created if missing)")
-    parser.add_argument("--ema", dest="ema", action="store_true", default=True, help="use llm/ema_model.bin (default)")
-    parser.add_argument("--no-ema", dest="ema", action="store_false", help="use llm/pytorch_model.bin instead")
-    parser.add_argument("--text-encoder", help="Qwen2 text model folder or Hub id to include in the pipeline")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this Hub repo")
-
-
 def run(args: argparse.Namespace) -> None:
     """Convert as the parsed arguments say and report it."""
     convert(args.src, args.dst, ema=args.ema, text_encoder=args.text_encoder, push_to_hub=args.push_to_hub)
@@ -309,8 +306,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Iterable[str]] = None) -> None:
+    from .cli import add_convert_arguments
+
     parser = argparse.ArgumentParser(prog="python -m hart_pipeline.convert", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
+    add_convert_arguments(parser)
     try:
         run(parser.parse_args(argv))
     except (ValueError, OSError) as e:  # CheckpointError and file-system errors: one line, no traceback

@@ -20,7 +20,7 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from huggingface_hub import create_repo
 
 from .hub import write_model_card
@@ -35,6 +35,8 @@ from .scheduler import HARTResidualScheduler
 from .schedules import supported_sizes
 from .validation import (CallArguments, check_bool, check_call_arguments, check_callback_output, check_device,
                          check_dtype, check_finite_output, check_int, check_prompts, read_json_object)
+
+logger = logging.get_logger(__name__)
 
 # The official HART system prompt (hart/utils/constants.py); the released model saw it before every prompt.
 SYSTEM_PROMPT = (
@@ -398,6 +400,15 @@ class HARTPipeline(DiffusionPipeline, HARTLoraLoaderMixin):
             valid = ", ".join(f"{s}x{s}" for s in sorted(sizes))
             raise ValueError(f"HART generates square images: `height` and `width` must be one of {valid} for this model; "
                              f"got height={height}, width={width}.")
+        warned = self.__dict__.setdefault("_warned_sizes", set())  # other sizes than the trained one: warn once each
+        if height != self.default_size and height not in warned:
+            warned.add(height)
+            logger.warning(
+                f"This model was trained at {self.default_size}x{self.default_size}; {height}x{height} runs HART's "
+                f"patch schedule for that size ({', '.join(map(str, sizes[height]))}), which the model never saw, so "
+                f"expect scattered fragments rather than the prompt. Generate at {self.default_size} (the default) "
+                "unless the model was trained at this size too."
+            )
         return sizes[height]
 
     @property

