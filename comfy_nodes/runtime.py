@@ -142,8 +142,9 @@ def unload_patchers(patchers: List) -> None:
 
 # ---------------------------------------------------------------------------------------------- model folders
 # the images the example workflows load with LoadImage (they ship beside the workflows)
-EXAMPLE_INPUTS = ("hart_shapes.png",)
+EXAMPLE_INPUTS = ("hart_shapes.png", "hart_shapes_mask.png")
 EXAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
+EXAMPLE_LORAS = os.path.join(EXAMPLE_DIR, "loras")
 
 
 def install_example_inputs() -> List[str]:
@@ -246,7 +247,9 @@ def resolve_folder(name: str) -> str:
 
 
 def lora_roots() -> List[str]:
-    """Folders searched for HART LoRA files: ComfyUI's ``loras`` paths, plus ``$HART_LORAS_DIR``."""
+    """Folders searched for HART LoRA files: ComfyUI's ``loras`` paths, ``$HART_LORAS_DIR``, then the pack's own
+    ``example_workflows/loras`` (the example LoRA of the LoRA workflow, made by the trainer from the built-in
+    model: see the ComfyUI section of the README)."""
     roots: List[str] = []
     fp = _module("folder_paths")
     if fp is not None:
@@ -256,6 +259,8 @@ def lora_roots() -> List[str]:
             pass
     if os.environ.get("HART_LORAS_DIR"):
         roots.append(os.environ["HART_LORAS_DIR"])
+    if os.path.isdir(EXAMPLE_LORAS):
+        roots.append(EXAMPLE_LORAS)
     return [r for r in dict.fromkeys(roots)]
 
 

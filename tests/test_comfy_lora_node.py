@@ -5,6 +5,7 @@ import torch
 from peft import LoraConfig
 
 from comfy_nodes import nodes as N
+from comfy_nodes import runtime
 from comfy_nodes.handles import HARTModel
 from hart_pipeline.lora import RESIDUAL_HEAD_LORA_TARGETS, TRANSFORMER_LORA_TARGETS, lora_layers, lora_metadata
 
@@ -35,6 +36,7 @@ def model(tmp_path, monkeypatch):
     (tmp_path / "style").mkdir()
     lora_file(tmp_path / "style")
     monkeypatch.setenv("HART_LORAS_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime, "EXAMPLE_LORAS", str(tmp_path / "no_examples"))  # only this test's LoRA is listed
     pipe = tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return HARTModel(pipe=pipe, name="tiny", device=torch.device("cpu"), offload_device=torch.device("cpu"),
@@ -69,8 +71,6 @@ def test_lora_node_errors(model):
 
 
 def test_an_empty_loras_folder_says_so_and_running_the_node_explains(model, tmp_path, monkeypatch):
-    from comfy_nodes import runtime
-
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("HART_LORAS_DIR", str(empty))

@@ -18,6 +18,7 @@ if ROOT not in sys.path:
 
 import comfy_nodes  # noqa: E402
 from comfy_nodes import nodes as N  # noqa: E402
+from comfy_nodes import runtime  # noqa: E402
 from comfy_nodes.handles import HARTConditioning, HARTModel  # noqa: E402
 from comfy_nodes.registration import classic_mappings, v3_node  # noqa: E402
 
@@ -90,14 +91,13 @@ def test_package_exports_and_model_folder(monkeypatch, tmp_path):
 def test_example_inputs_are_copied_into_comfyui_input_once(monkeypatch, tmp_path):
     """The reconstruction / outpainting examples load hart_shapes.png: the pack puts it in input/ (never over a
     user's file of the same name)."""
-    from comfy_nodes import runtime
 
     fp = types.ModuleType("folder_paths")
     fp.get_input_directory = lambda: str(tmp_path / "input")
     monkeypatch.setitem(sys.modules, "folder_paths", fp)
     written = runtime.install_example_inputs()
     target = tmp_path / "input" / "hart_shapes.png"
-    assert written == [str(target)] and target.read_bytes() == open(os.path.join(runtime.EXAMPLE_DIR, "hart_shapes.png"), "rb").read()
+    assert written == [str(tmp_path / "input" / name) for name in runtime.EXAMPLE_INPUTS] and target.read_bytes() == open(os.path.join(runtime.EXAMPLE_DIR, "hart_shapes.png"), "rb").read()
     target.write_bytes(b"the user's own image")
     assert runtime.install_example_inputs() == [] and target.read_bytes() == b"the user's own image"
 
@@ -118,6 +118,8 @@ CORE_OBJECT_INFO = {  # ComfyUI's core nodes the examples use, as /object_info d
     "SaveImage": {"input": {"required": {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
                   "output": []},
     "PreviewImage": {"input": {"required": {"images": ["IMAGE", {}]}}, "output": []},
+    "LoadImageMask": {"input": {"required": {"image": [["hart_shapes_mask.png"], {"image_upload": True}],
+                                             "channel": [["alpha", "red", "green", "blue"]]}}, "output": ["MASK"]},
     "ImagePadForOutpaint": {"input": {"required": {
         "image": ["IMAGE", {}], **{side: ["INT", {"default": 0, "min": 0, "max": 16384, "step": 8}]
                                    for side in ("left", "top", "right", "bottom")},
@@ -140,6 +142,10 @@ def frontend_widgets(node_id):
     return F.widget_names(object_info(node_id))
 
 
+# one per node family: text to image, tokenizer round trip, outpainting and inpainting, variation, LoRA
+EXAMPLES = ["text_to_image", "reconstruction", "outpainting", "inpainting", "variation", "lora"]
+
+
 def load_workflow(name):
     with open(os.path.join(ROOT, "example_workflows", f"{name}.json")) as f:
         return json.load(f)
@@ -148,12 +154,12 @@ def load_workflow(name):
 def test_example_workflows_are_all_ui_format():
     """ComfyUI lists example_workflows/ as templates: only UI-format files belong there (API copies: tests/)."""
     names = [n for n in sorted(os.listdir(os.path.join(ROOT, "example_workflows"))) if n.endswith(".json")]
-    assert {"reconstruction.json", "text_to_image.json", "outpainting.json"} <= set(names)
+    assert {f"{name}.json" for name in EXAMPLES} == set(names)
     for name in names:
         assert {"nodes", "links", "last_node_id", "version"} <= set(load_workflow(name[:-5])), name
 
 
-@pytest.mark.parametrize("name", ["text_to_image", "reconstruction", "outpainting"])
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_example_workflow_ui_format(name):
     wf = load_workflow(name)
     nodes = {n["id"]: n for n in wf["nodes"]}
@@ -193,7 +199,7 @@ def _check_widget(spec_input, value):
         assert isinstance(value, str)
 
 
-@pytest.mark.parametrize("name", ["text_to_image", "reconstruction", "outpainting"])
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_ui_workflow_round_trips_to_the_api_copy(name):
     """The frontend's own widget mapping turns the saved UI workflow into exactly the API prompt in tests/."""
     wf = load_workflow(name)
@@ -206,6 +212,44 @@ def test_ui_workflow_round_trips_to_the_api_copy(name):
         if node["class_type"] in N.SPECS_BY_ID:
             spec = N.SPECS_BY_ID[node["class_type"]]
             assert {i.name for i in spec.inputs if not i.optional} <= set(node["inputs"]) <= {i.name for i in spec.inputs}
+
+
+def api_workflow(name):
+    with open(os.path.join(ROOT, "tests", "workflows", f"{name}_api.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def workflow_runner():
+    sys.path.insert(0, os.path.join(ROOT, "examples", "comfyui"))
+    import run_workflow
+
+    return run_workflow
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_example_workflow_runs_with_the_built_in_model(name, workflow_runner):
+    """Each example as ComfyUI would queue it (its API copy), executed with the node functions and ComfyUI's core
+    nodes' semantics (examples/comfyui/run_workflow.py); it has a template thumbnail beside it."""
+    saved = workflow_runner.run(api_workflow(name))
+    (image,) = saved[next(k for k in saved if k != "preview")]
+    assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all() and image.std() > 0.02
+    assert os.path.isfile(os.path.join(ROOT, "example_workflows", f"{name}.jpg")), "run_workflow.py --thumbnails"
+    if name == "inpainting":  # the mask (right half) is repainted, the left half keeps the image's tokens
+        source = workflow_runner.load_image("hart_shapes.png")[0]
+        source = torch.nn.functional.interpolate(source.permute(0, 3, 1, 2), size=64, mode="area").permute(0, 2, 3, 1)
+        assert (image[:, :, :24] - source[:, :, :24]).abs().mean() < 0.1
+        assert (image[:, :, 40:] - source[:, :, 40:]).abs().mean() > 0.1
+
+
+def test_lora_workflow_applies_the_shipped_lora(workflow_runner):
+    prompt = api_workflow("lora")
+    loader = next(k for k, v in prompt.items() if v["class_type"] == "HARTLoraLoader")
+    assert prompt[loader]["inputs"]["lora_name"] in runtime.list_loras()  # the pack's example LoRA is listed
+    with_lora = workflow_runner.run(prompt)["HART_lora"][0]
+    prompt[loader]["inputs"]["strength"] = 0.0
+    without = workflow_runner.run(prompt)["HART_lora"][0]
+    assert (with_lora - without).abs().max() > 1e-2
 
 
 # ------------------------------------------------------------------------------------------------ parity

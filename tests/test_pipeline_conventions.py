@@ -154,6 +154,34 @@ def test_concurrent_calls_with_different_settings(pipe):
         assert seen[i] == {(kw["guidance_scale"], SCALES + kw["num_inference_steps"])}
 
 
+def test_four_threads_with_different_arguments_match_the_calls_one_by_one(pipe):
+    """Issue 28's determinism question: concurrent calls with every kind of argument give bit-identical images to
+    the same calls made one by one (no shared state; the intra-op thread count stays the process's)."""
+    calls = [dict(seed=0, negative_prompt="blue", guidance_scale=2.0, num_inference_steps=3),
+             dict(seed=1, num_maskgit_iters=4, residual_guidance_scale=1.5),
+             dict(seed=2, top_k=5, top_p=0.8, smooth=False, guidance_stop_scale=2, num_images_per_prompt=2),
+             dict(seed=3, height=256, width=256, num_inference_steps=2)]
+    expected = [run(pipe, **kw) for kw in calls]
+    results, errors = {}, []
+    barrier = threading.Barrier(len(calls))
+
+    def work(i):
+        try:
+            barrier.wait()
+            results[i] = run(pipe, **calls[i])
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i in range(len(calls)):
+        assert np.array_equal(results[i], expected[i]), calls[i]
+
+
 def test_docstring_example_comes_from_diffusers_helper(pipe):
     doc = type(pipe).__call__.__doc__
     assert ">>> from hart_pipeline import HARTPipeline" in doc and "dtype=torch.bfloat16" in doc
