@@ -68,16 +68,23 @@ class Meter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         self.sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = fn()
         self.sync()
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**20
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.results[name] = {"seconds": seconds, "peak_mib": peak}
+        self.results[name] = {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": peak}
         return out
+
+    def split(self, name: str, parts: Dict[str, Dict[str, float]]) -> None:
+        """Replace the result ``name`` by ``parts`` (timed inside it) and the rest of it under ``name``."""
+        whole = self.results.pop(name)
+        rest = {k: whole[k] - sum(p[k] for p in parts.values()) for k in ("seconds", "cpu_seconds")}
+        self.results[name] = {**rest, "peak_mib": whole["peak_mib"]}
+        self.results.update({k: {**v, "peak_mib": whole["peak_mib"]} for k, v in parts.items()})
 
 
 def text_inputs(args, batch: int, device):
@@ -142,11 +149,29 @@ def run_official(args) -> Dict:
     vae, transformer, head, _ = build_models(args)
     model = build_official(args.official, vae, transformer, head, device, dtype)
 
+    # the official entry point runs AR + residual + decode in one call: its residual sampler and its decoder are
+    # timed from inside (wrapped, not changed), the AR loop is the rest
+    parts: Dict[str, Dict[str, float]] = {}
+
+    def timed(name: str, fn):
+        def wrapper(*a, **k):
+            meter = Meter(device)
+            out = meter.run(name, lambda: fn(*a, **k))
+            part = parts.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0})
+            part["seconds"] += meter.results[name]["seconds"]
+            part["cpu_seconds"] += meter.results[name]["cpu_seconds"]
+            return out
+        return wrapper
+
+    model.diffloss.sample = timed("residual", model.diffloss.sample)
+    model.vae_proxy[0].fhat_to_img = timed("decode", model.vae_proxy[0].fhat_to_img)
+
     def generate(meter: Meter, context, positions):
-        # the official entry point runs AR + residual + decode in one call
-        meter.run("generate", lambda: model.autoregressive_infer_cfg(
+        parts.clear()
+        meter.run("ar", lambda: model.autoregressive_infer_cfg(
             B=context.shape[0], label_B=context, cfg=4.5, g_seed=args.seed, more_smooth=True,
             context_position_ids=positions, context_mask=torch.ones_like(positions, dtype=torch.bool)))
+        meter.split("ar", dict(parts))
 
     return measure(args, device, dtype, generate)
 
@@ -172,6 +197,8 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--guidance-stop-scale", type=int, help="fast mode (ours): no guidance from this scale on")
     parser.add_argument("--token-pruning", type=lambda v: tuple(float(x) if "." in x else int(x) for x in v.split(":")),
                         nargs="+", help="fast mode (ours): SIDE:FRACTION pairs, e.g. 48:0.5 64:0.75")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved measured runs of each implementation")
+    parser.add_argument("--json", help="also write the figures to this JSON file (e.g. benchmarks/results/...)")
     parser.add_argument("--impl", choices=["ours", "official"], help=argparse.SUPPRESS)  # subprocess mode
     args = parser.parse_args(argv)
     if args.threads:
@@ -186,21 +213,42 @@ def main(argv: List[str] = None) -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    ours = child("ours")
-    official = child("official") if args.official else None
+    # interleaved: ours, official, ours, official ... (one measured run each), so both see the same machine load
+    runs = {"ours": [], "official": []}
+    for _ in range(args.repeats):
+        runs["ours"].append(child("ours"))
+        if args.official:
+            runs["official"].append(child("official"))
+    key = "cpu_seconds" if args.device == "cpu" else "seconds"
     print(f"HART generation, {args.resolution}px schedule, layers={args.layers}, width={args.width}, "
-          f"{args.device} {args.dtype}, torch {torch.__version__}")
+          f"{args.device} {args.dtype}, torch {torch.__version__}, {args.repeats} interleaved run(s), "
+          f"{'CPU time' if key == 'cpu_seconds' else 'wall time'} (best of the runs)")
+    report = {"resolution": args.resolution, "layers": args.layers, "width": args.width, "device": args.device,
+              "dtype": args.dtype, "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
+              "timing": key, "repeats": args.repeats, "batches": {}}
     for batch in args.batch:
-        stages = ours[str(batch)]
-        gen = sum(stages[s]["seconds"] for s in ("ar", "residual", "decode"))
-        peak = max(v["peak_mib"] for v in stages.values())
-        parts = ", ".join(f"{k} {v['seconds']:.3f}s" for k, v in stages.items())
-        print(f"  ours     batch {batch}: generate {gen:.3f}s ({batch / gen:.2f} img/s; {parts}), peak {peak:.0f} MiB")
-        if official:
-            o = official[str(batch)]
-            peak_o = max(v["peak_mib"] for v in o.values())
-            print(f"  official batch {batch}: generate {o['generate']['seconds']:.3f}s, peak {peak_o:.0f} MiB"
-                  f"  -> speed-up x{o['generate']['seconds'] / gen:.2f}, memory ratio {peak / peak_o:.2f}")
+        rows = {}
+        for impl in ("ours", "official"):
+            if not runs[impl]:
+                continue
+            stages = {s: min(r[str(batch)][s][key] for r in runs[impl]) for s in ("ar", "residual", "decode")}
+            stages["total"] = min(sum(r[str(batch)][s][key] for s in ("ar", "residual", "decode")) for r in runs[impl])
+            stages["peak_mib"] = min(max(v["peak_mib"] for v in r[str(batch)].values()) for r in runs[impl])
+            rows[impl] = stages
+            parts = ", ".join(f"{s} {stages[s]:.2f}s" for s in ("ar", "residual", "decode"))
+            print(f"  {impl:8s} batch {batch}: total {stages['total']:.2f}s ({parts}), peak {stages['peak_mib']:.0f} MiB")
+        if "official" in rows:
+            speedups = {s: rows["official"][s] / rows["ours"][s] for s in ("total", "ar", "residual", "decode")}
+            rows["speedup"] = speedups
+            rows["memory_ratio"] = rows["ours"]["peak_mib"] / rows["official"]["peak_mib"]
+            print(f"  -> speed-up total x{speedups['total']:.2f} (ar x{speedups['ar']:.2f}, residual "
+                  f"x{speedups['residual']:.2f}, decode x{speedups['decode']:.2f}), memory ratio {rows['memory_ratio']:.2f}")
+        report["batches"][str(batch)] = rows
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"  wrote {args.json}")
 
 
 if __name__ == "__main__":

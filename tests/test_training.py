@@ -485,3 +485,52 @@ def test_train_text_encoder_refuses_lora():
     with pytest.raises(ValueError, match="--train_text_encoder.*--lora_rank|Use one or the other"):
         train_transformer.main(["--pretrained_model", "default", "--lora_rank", "4", "--new_text_encoder",
                                 "--output_dir", "unused"])
+
+
+def test_colour_twins_swap_the_two_colours_in_picture_and_caption():
+    from hart_pipeline.training.data import colour_swapped
+
+    assert colour_swapped("an orange circle above a red square", [("circle", "orange", 0.5, 0.25),
+                                                                  ("square", "red", 0.5, 0.75)]) == (
+        "a red circle above an orange square", [("circle", "red", 0.5, 0.25), ("square", "orange", 0.5, 0.75)])
+    assert colour_swapped("two red squares", [("square", "red", 0.3, 0.5), ("square", "red", 0.7, 0.5)]) is None
+    dataset = SyntheticShapesDataset(40, 32, seed=6, layout_weights=(0, 1, 0), colour_twins=True)
+    plain = SyntheticShapesDataset(40, 32, seed=6, layout_weights=(0, 1, 0))
+    for k in range(0, 40, 2):
+        base, twin = dataset.item(k), dataset.item(k + 1)
+        assert base.caption == plain.item(k).caption  # even items are the plain stream's
+        (s1, c1, x1, y1), (s2, c2, x2, y2) = base.attributes
+        assert twin.attributes == [(s1, c2, x1, y1), (s2, c1, x2, y2)]
+        assert twin.caption != base.caption and sorted(twin.caption.split()) == sorted(base.caption.split())
+        # the same pixels wherever neither object is: the background is the base scene's
+        same = (base.image == twin.image).all(0)
+        assert same.float().mean() > 0.6
+
+
+def test_colour_twins_share_every_batch(tmp_path, trained_tokenizer, monkeypatch):
+    from hart_pipeline.training import train_transformer
+
+    seen = []
+    original = train_transformer.split_indices
+
+    def record(flat, patch_nums):
+        seen.append(flat)
+        return original(flat, patch_nums)
+
+    monkeypatch.setattr(train_transformer, "split_indices", record)
+    train_transformer.main(COMMON + TRANSFORMER_ARGS + ["--tokenizer_path", trained_tokenizer, "--colour_twins",
+                                                        "--layout_weights", "0", "1", "0", "--train_steps", "3",
+                                                        "--output_dir", str(tmp_path / "out")])
+    cache = train_transformer.precompute_tokens(
+        train_transformer.build_parser().parse_args(COMMON + ["--tokenizer_path", trained_tokenizer, "--colour_twins",
+                                                             "--layout_weights", "0", "1", "0"]),
+        str(tmp_path / "out" / "cache"), HARTHybridTokenizer.from_pretrained(trained_tokenizer))
+    tokens_of = {}
+    for i, row in enumerate(cache["indices"]):
+        tokens_of.setdefault(tuple(row.tolist()), set()).add(i)
+    for batch in seen:  # each batch holds whole pairs (2k, 2k + 1)
+        rows = sorted(i for r in batch for i in tokens_of[tuple(r.tolist())])
+        pairs = {i // 2 for i in rows}
+        assert all({2 * p, 2 * p + 1} <= set(rows) for p in pairs)
+    with pytest.raises(ValueError, match="--batch_size must be even"):
+        train_transformer.main(["--colour_twins", "--batch_size", "5", "--output_dir", "unused"])

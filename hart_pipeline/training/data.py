@@ -15,8 +15,9 @@ y downwards) for programmatic evaluation of generated images.
 """
 
 import random
+import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -152,21 +153,40 @@ def sample_scene(rng: random.Random, layout_weights: Sequence[float] = LAYOUT_WE
     return caption, objects, radius
 
 
+def colour_swapped(caption: str, objects: List[Tuple[str, str, float, float]]
+                   ) -> Optional[Tuple[str, List[Tuple[str, str, float, float]]]]:
+    """A two-object scene with its two colours exchanged, in the picture and in the caption (articles follow:
+    "an orange circle above a red square" -> "a red circle above an orange square"); None for other scenes."""
+    if len(objects) != 2 or objects[0][1] == objects[1][1]:
+        return None
+    (s1, c1, x1, y1), (s2, c2, x2, y2) = objects
+    other = {c1: c2, c2: c1}
+    twin = re.sub(rf"\b(?:an?) ({re.escape(c1)}|{re.escape(c2)})\b",
+                  lambda m: f"{_article(other[m.group(1)])} {other[m.group(1)]}", caption)
+    return twin, [(s1, c2, x1, y1), (s2, c1, x2, y2)]
+
+
 class SyntheticShapesDataset(Dataset):
     """``num_samples`` deterministic items; item ``i`` depends only on ``(seed, i)``.
 
     Each item is a dict with ``image`` (3, S, S) float32 in [-1, 1], ``caption`` (str) and
     ``attributes`` (list of ``(shape, colour, cx, cy)``, centres in [0, 1]).
+
+    ``colour_twins``: item ``2k + 1`` is item ``2k`` with its two colours exchanged (:func:`colour_swapped`: same
+    shapes, places and background, the caption changed accordingly) when item ``2k`` is a two-colour scene, so a
+    model can tell the pair apart only by binding each colour to its place; otherwise it is drawn as usual.
     """
 
     def __init__(self, num_samples: int = 10000, image_size: int = 64, seed: int = 0,
-                 exclude_captions: Iterable[str] = (), layout_weights: Sequence[float] = LAYOUT_WEIGHTS):
+                 exclude_captions: Iterable[str] = (), layout_weights: Sequence[float] = LAYOUT_WEIGHTS,
+                 colour_twins: bool = False):
         self.num_samples = num_samples
         self.image_size = image_size
         self.seed = seed
         self.layout_weights = check_layout_weights(layout_weights)
         # held-out prompts: a scene whose caption is one of them is redrawn from the item's own random stream
         self.exclude_captions = frozenset(exclude_captions)
+        self.colour_twins = colour_twins
 
     def __len__(self) -> int:
         return self.num_samples
@@ -174,6 +194,11 @@ class SyntheticShapesDataset(Dataset):
     def _scene(self, index: int) -> Tuple[random.Random, str, List[Tuple[str, str, float, float]], float]:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
+        if self.colour_twins and index % 2:
+            rng, caption, objects, radius = self._scene(index - 1)  # same generator state: same background
+            twin = colour_swapped(caption, objects)
+            if twin is not None and twin[0] not in self.exclude_captions:
+                return rng, twin[0], twin[1], radius
         rng = random.Random(self.seed * 1_000_003 + index)
         caption, objects, radius = sample_scene(rng, self.layout_weights)
         while caption in self.exclude_captions:
@@ -206,4 +231,4 @@ def collate(batch: List[dict]) -> dict:
 
 
 __all__ = ["COLOURS", "LAYOUTS", "LAYOUT_WEIGHTS", "SHAPES", "ShapeItem", "SyntheticShapesDataset", "check_layout_weights",
-           "collate", "render", "sample_scene"]
+           "collate", "colour_swapped", "render", "sample_scene"]

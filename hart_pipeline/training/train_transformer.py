@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_seed", type=int, default=1)
     p.add_argument("--layout_weights", type=float, nargs=3, default=list(LAYOUT_WEIGHTS), metavar=("SINGLE", "RELATION", "COUNT"),
                    help="relative frequencies of the single-object, two-object relation and count scenes")
+    p.add_argument("--colour_twins", action="store_true",
+                   help="pair every two-colour scene with its colour-swapped twin (same shapes and places, colours and "
+                        "caption exchanged) in the same batch, so binding colours to places is the only way to lower "
+                        "the loss on the pair (needs an even --batch_size)")
     p.add_argument("--exclude_prompts", type=str, default=None,
                    help="JSON held-out prompt set ({'prompts': [{'prompt': ...}]}, e.g. examples/eval/heldout_prompts.json) "
                         "whose captions the training stream never draws")
@@ -166,12 +170,13 @@ def _stream_tag(args) -> str:
     ('' for the default stream, so earlier caches stay valid)."""
     weights = check_layout_weights(args.layout_weights)
     layouts = "" if weights == LAYOUT_WEIGHTS else "_l" + "-".join(f"{w:g}" for w in weights)
-    return _exclusion_tag(args) + layouts
+    return _exclusion_tag(args) + layouts + ("_twins" if getattr(args, "colour_twins", False) else "")
 
 
 def training_dataset(args) -> SyntheticShapesDataset:
     return SyntheticShapesDataset(args.num_samples, args.image_size, args.data_seed,
-                                  exclude_captions=excluded_captions(args), layout_weights=args.layout_weights)
+                                  exclude_captions=excluded_captions(args), layout_weights=args.layout_weights,
+                                  colour_twins=args.colour_twins)
 
 
 def _write_cache(path: str, tensors: dict, meta: dict) -> None:
@@ -380,6 +385,9 @@ def export(args, session: TrainingSession, tokenizer: HARTHybridTokenizer, start
 def main(argv=None):
     args = parse_with_config(build_parser(), argv)
     args.layout_weights = list(check_layout_weights(args.layout_weights))
+    if args.colour_twins and (args.batch_size % 2 or args.num_samples < 2):
+        raise ValueError(f"--colour_twins puts each scene and its twin in one batch: --batch_size must be even (got "
+                         f"{args.batch_size}) and --num_samples at least 2.")
     torch.set_num_threads(args.num_threads)
     if args.lora_rank and not args.pretrained_model:
         raise ValueError("--lora_rank needs --pretrained_model: LoRA adapts a trained pipeline.")
@@ -452,8 +460,9 @@ def main(argv=None):
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.learning_rate, betas=(0.9, 0.95))
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.train_steps))
-    dataset = TensorDataset(torch.arange(args.num_samples))
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+    group = 2 if args.colour_twins else 1  # twins are shuffled as pairs and always share a batch
+    dataset = TensorDataset(torch.arange(args.num_samples // group))
+    loader = DataLoader(dataset, batch_size=args.batch_size // group, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
     module, optimizer, _, lr_sched = session.prepare(module, optimizer, loader, lr_sched,
                                                      ema_module=lambda m: m, trained_only=bool(args.lora_rank))
@@ -499,7 +508,7 @@ def main(argv=None):
     running = {}
     done = session.step >= args.train_steps
     for (rows,) in session.batches() if not done else []:
-        rows = rows.cpu()
+        rows = (rows.cpu()[:, None] * group + torch.arange(group)).flatten()  # a pair index -> its two rows
         indices = [i.to(accelerator.device) for i in split_indices(tokens["indices"][rows], patch_nums)]
         residual = tokens["residual"][rows].to(accelerator.device)
         module.train()
