@@ -141,16 +141,18 @@ def validate_generate_args(parser: argparse.ArgumentParser, args: argparse.Names
 
 
 # Loggers that print on import when an optional package is installed but cannot load on this machine (torchao's
-# CUDA-only libraries on a CPU torch, and what that makes torch / diffusers say): not this command's business.
-IMPORT_NOISE = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+# CUDA-only libraries on a CPU torch, and what that makes torch / diffusers say), and diffusers' torchao quantizer,
+# which says at load that int8 needs bfloat16 (the int8 layers run with float32 activations): not this command's
+# business.
+LIBRARY_NOISE = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
 
 
 @contextlib.contextmanager
-def quiet_import_noise():
-    """Errors only from :data:`IMPORT_NOISE` while the libraries are imported."""
+def quiet_library_noise():
+    """Errors only from :data:`LIBRARY_NOISE` while the libraries are imported and the model loads."""
     import logging
 
-    loggers = [logging.getLogger(name) for name in IMPORT_NOISE]
+    loggers = [logging.getLogger(name) for name in LIBRARY_NOISE]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
@@ -164,7 +166,7 @@ def quiet_import_noise():
 def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     checked = validate_generate_args(parser, args)
 
-    with quiet_import_noise():
+    with quiet_library_noise():
         import diffusers
         import torch
         import transformers
@@ -188,10 +190,12 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if args.model is None:
         from .default_model import load_default_pipeline
 
-        pipe = load_default_pipeline(dtype, **load)
+        with quiet_library_noise():
+            pipe = load_default_pipeline(dtype, **load)
     else:
         try:
-            pipe = HARTPipeline.from_pretrained(args.model, dtype=dtype, **load)
+            with quiet_library_noise():
+                pipe = HARTPipeline.from_pretrained(args.model, dtype=dtype, **load)
         except OSError as e:
             if os.path.isdir(args.model):
                 raise
@@ -224,7 +228,7 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 
 def _convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    with quiet_import_noise():
+    with quiet_library_noise():
         from .convert import run
 
     run(args)
