@@ -30,13 +30,32 @@ from ..validation import check_config, int_list, positive_int, positive_real
 from .layers import RMSNorm, TimestepEmbedding, apply_rope, image_positions, image_rope, text_rope
 
 
+class LayerKV:
+    """One block's part of a :class:`KVCache`: its keys and values (B, H, max_length, hd), views of the cache's
+    storage. A block gets this object, not a layer index, so a compiled block (``compile_repeated_blocks``) sees
+    the same kind of input in every layer and compiles once per scale shape instead of once per layer."""
+
+    def __init__(self, cache: "KVCache", keys: torch.Tensor, values: torch.Tensor):
+        self.cache, self.keys, self.values = cache, keys, values
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, l, hd) at the cache's write position and return all keys/values so far."""
+        start = self.cache.length
+        end = start + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.keys.shape[2]}.")
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class KVCache:
     """The state of one generation: preallocated keys and values of every block (no ``torch.cat``
     growth), and what scale 0 computes once for all scales.
 
-    Blocks write the keys of the current call at ``[length, length + l)``; :meth:`advance` moves the
-    write position once all blocks have run. One cache per generation: concurrent generations never
-    share state.
+    Blocks write the keys of the current call at ``[length, length + l)`` through their :attr:`layers` entry;
+    :meth:`advance` moves the write position once all blocks have run. One cache per generation: concurrent
+    generations never share state.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_length: int, head_dim: int,
@@ -50,19 +69,18 @@ class KVCache:
         self.hidden_states: Optional[torch.Tensor] = None  # last-block output of the latest scale
         # (input, output) of the latest whole scale's blocks: FastVAR's cache for pruned tokens
         self.previous: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._split_layers()
+
+    def _split_layers(self) -> None:
+        self.layers = [LayerKV(self, k, v) for k, v in zip(self.keys.unbind(0), self.values.unbind(0))]
 
     @property
     def batch_size(self) -> int:
         return self.keys.shape[1]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, l, hd) of ``layer`` and return all keys/values so far (B, H, length + l, hd)."""
-        end = self.length + k.shape[2]
-        if end > self.keys.shape[3]:
-            raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.keys.shape[3]}.")
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        """``layers[layer].update(k, v)``."""
+        return self.layers[layer].update(k, v)
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
@@ -70,6 +88,7 @@ class KVCache:
     def select_rows(self, num_rows: int) -> None:
         """Keep only the first ``num_rows`` batch rows (e.g. drop the CFG unconditional half)."""
         self.keys, self.values = self.keys[:, :num_rows], self.values[:, :num_rows]
+        self._split_layers()
         if self.modulation is not None:
             self.modulation = tuple(m[:num_rows] for m in self.modulation)
 
@@ -82,16 +101,15 @@ class HARTAttnProcessor:
     _parallel_config = None
 
     def __call__(self, attn: "HARTAttention", hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 kv_cache: Optional[KVCache] = None, layer: int = 0,
-                 block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
+                 kv: Optional[LayerKV] = None, block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
         B, L, C = hidden_states.shape
         bias = torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
         # the projection runs as a module call (offload hooks, quantized layers see it), its bias added after
         qkv = (attn.qkv_proj(hidden_states) + bias).view(B, L, 3, attn.num_heads, attn.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)
+        if kv is not None:
+            k, v = kv.update(k, v)
         out = kernels.attention(q, k, v, attn.scale, self._attention_backend, block_ends)
         return attn.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -119,9 +137,9 @@ class HARTAttention(nn.Module, AttentionModuleMixin):
         self.proj = nn.Linear(dim, dim)
         self.set_processor(self._default_processor_cls())
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Optional[KVCache] = None,
-                layer: int = 0, block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
-        return self.processor(self, x, cos, sin, kv_cache, layer, block_ends)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: Optional[LayerKV] = None,
+                block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
+        return self.processor(self, x, cos, sin, kv, block_ends)
 
 
 class HARTFeedForward(nn.Module):
@@ -146,9 +164,9 @@ class HARTBlock(nn.Module):
         self.attn = HARTAttention(dim, num_heads)
         self.ffn = HARTFeedForward(dim, hidden_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Optional[KVCache] = None,
-                layer: int = 0, block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
-        h, x = self.ln_wo_grad(self.attn(self.ln_wo_grad(x), cos, sin, kv_cache, layer, block_ends), residual=x)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: Optional[LayerKV] = None,
+                block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
+        h, x = self.ln_wo_grad(self.attn(self.ln_wo_grad(x), cos, sin, kv, block_ends), residual=x)
         return x + self.ffn(h)
 
 
@@ -297,10 +315,11 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
     def run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Optional[KVCache] = None,
                    block_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
         for layer, block in enumerate(self.blocks):
+            kv = None if kv_cache is None else kv_cache.layers[layer]
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = self._gradient_checkpointing_func(block, x, cos, sin, kv_cache, layer, block_ends)
+                x = self._gradient_checkpointing_func(block, x, cos, sin, kv, block_ends)
             else:
-                x = block(x, cos, sin, kv_cache, layer, block_ends)
+                x = block(x, cos, sin, kv, block_ends)
         if kv_cache is not None:
             kv_cache.advance(x.shape[1])
         return x
@@ -479,4 +498,4 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
         return self.decoder_norm(hidden_states + self.word_embed(discrete_tokens.to(self.dtype)))
 
 
-__all__ = ["HARTTransformer", "HARTTransformerOutput", "KVCache"]
+__all__ = ["HARTTransformer", "HARTTransformerOutput", "KVCache", "LayerKV"]
