@@ -136,3 +136,19 @@ def pipe():
     pipe = tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# The start of a script for a fresh interpreter that cannot import this package (it is pip-installed editable
+# here, so a meta-path blocker refuses it) and sees no PYTHONPATH: only a saved folder's own code can load.
+WITHOUT_PACKAGE_PRELUDE = """
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("hart_pipeline", "comfy_nodes"):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, Block())
+sys.path = [p for p in sys.path if p not in ("", ".") and "wt" not in p.split("/")]
+"""

@@ -15,21 +15,11 @@ import hart_pipeline
 from hart_pipeline import HARTPipeline
 from hart_pipeline.default_model import DEFAULT_MODEL_DIR
 
+from conftest import WITHOUT_PACKAGE_PRELUDE
+
 PROMPT = "a red circle above a blue square"
 
-# Runs in a fresh interpreter that cannot import this package (it is pip-installed editable here, so a
-# meta-path blocker refuses it) and sees no PYTHONPATH: only the folder's own code can build the pipeline.
-NO_PACKAGE_SCRIPT = textwrap.dedent('''
-    import sys
-
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("hart_pipeline", "comfy_nodes"):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, Block())
-    sys.path = [p for p in sys.path if p not in ("", ".") and "wt" not in p.split("/")]
+NO_PACKAGE_SCRIPT = WITHOUT_PACKAGE_PRELUDE + textwrap.dedent('''
     import numpy as np
     import torch
     from diffusers import DiffusionPipeline

@@ -7,7 +7,7 @@ import torch
 from hart_pipeline import HARTTokens
 from hart_pipeline.modular import HARTAutoregressiveStep, HARTBlocks, HARTTextEncoderStep
 
-from conftest import tiny_pipeline
+from conftest import WITHOUT_PACKAGE_PRELUDE, tiny_pipeline
 
 PROMPTS = ["a red circle above a blue square", "two green triangle"]
 
@@ -89,17 +89,7 @@ def test_modular_pipeline_from_a_saved_folder_gives_the_pipeline_image(pipes, tm
     np.testing.assert_array_equal(image, expected)
 
 
-NO_PACKAGE_BLOCKS_SCRIPT = """
-import sys
-
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("hart_pipeline", "comfy_nodes"):
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, Block())
-sys.path = [p for p in sys.path if p not in ("", ".")]
+NO_PACKAGE_BLOCKS_SCRIPT = WITHOUT_PACKAGE_PRELUDE + """
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ModularPipelineBlocks
