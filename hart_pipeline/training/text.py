@@ -7,7 +7,7 @@ Two kinds of text encoder:
   computed once and cached.
 * **trained jointly** (``--train_text_encoder``): the encoder runs in every training step and its weights are
   exported as the pipeline's ``text_encoder``; ``--new_text_encoder`` makes a small ``BertModel`` with a
-  WordPiece ``tokenizer`` learned from the training captions (:func:`build_text_tokenizer`,
+  WordPiece ``tokenizer`` of the training captions' words (:func:`build_text_tokenizer`,
   :func:`new_text_encoder`), both plain ``transformers`` classes saved with ``save_pretrained``.
 
 Each caption is padded / truncated to ``max_length`` tokens; the context is the ``last_hidden_state`` at

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the text encoder with the transformer (as in diffusers' DreamBooth scripts) and export "
                         "the trained one; its states are then computed in every step, not cached")
     p.add_argument("--new_text_encoder", action="store_true",
-                   help="a new small BertModel + WordPiece tokenizer learned from the training captions, trained "
+                   help="a new small BertModel + a WordPiece tokenizer of the training captions' words, trained "
                         "jointly (implies --train_text_encoder); written to <output_dir>/text_encoder_init first")
     p.add_argument("--text_encoder_layers", type=int, default=3, help="layers of --new_text_encoder")
     p.add_argument("--text_encoder_width", type=int, default=None,
@@ -170,7 +170,7 @@ def _stream_tag(args) -> str:
     ('' for the default stream, so earlier caches stay valid)."""
     weights = check_layout_weights(args.layout_weights)
     layouts = "" if weights == LAYOUT_WEIGHTS else "_l" + "-".join(f"{w:g}" for w in weights)
-    return _exclusion_tag(args) + layouts + ("_twins" if getattr(args, "colour_twins", False) else "")
+    return _exclusion_tag(args) + layouts + ("_twins" if args.colour_twins else "")
 
 
 def training_dataset(args) -> SyntheticShapesDataset:
@@ -196,7 +196,7 @@ def precompute_text(args, cache_dir: str, max_length: int) -> dict:
         return {**cached[0], "captions": cached[1]["captions"]}
     tok, enc = load_text_encoder(args.text_encoder_path)
     dataset = training_dataset(args)
-    captions = [dataset.item(i).caption for i in range(len(dataset))]
+    captions = [dataset.caption(i) for i in range(len(dataset))]  # (no image rendered)
     unique = sorted(set(captions))
     hidden, pos = [], []
     for s in tqdm(range(0, len(unique), 64), desc="text"):
@@ -212,13 +212,13 @@ def precompute_text(args, cache_dir: str, max_length: int) -> dict:
 
 
 def prepare_new_text_encoder(args, context_dim: Optional[int]) -> str:
-    """Main process, once: ``<output_dir>/text_encoder_init`` with a WordPiece tokenizer learned from the training
-    captions and a new ``BertModel`` (``save_pretrained``); a resumed run finds it there. Returns the folder."""
+    """Main process, once: ``<output_dir>/text_encoder_init`` with a WordPiece tokenizer of the training captions'
+    words (:func:`~.text.build_text_tokenizer`) and a new ``BertModel`` (``save_pretrained``); a resumed run finds it there. Returns the folder."""
     folder = os.path.join(args.output_dir, "text_encoder_init")
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
     dataset = training_dataset(args)
-    tokenizer = build_text_tokenizer(dataset.item(i).caption for i in range(len(dataset)))
+    tokenizer = build_text_tokenizer(dataset.caption(i) for i in range(len(dataset)))
     width = args.text_encoder_width or context_dim or 256
     encoder = new_text_encoder(tokenizer, width, args.text_encoder_layers, args.context_tokens, seed=args.seed)
     tmp = folder + ".tmp"
@@ -232,7 +232,7 @@ def caption_ids(args, tokenizer, max_length: int) -> dict:
     """For a text encoder trained jointly: the input ids / attention mask (U, T) of the unique captions and each
     sample's row (N,). Tokenizing is quick, so nothing is cached on disk."""
     dataset = training_dataset(args)
-    captions = [dataset.item(i).caption for i in range(len(dataset))]
+    captions = [dataset.caption(i) for i in range(len(dataset))]
     unique = sorted(set(captions))
     ids, mask = tokenize_captions(tokenizer, unique, max_length)
     where = {c: i for i, c in enumerate(unique)}
