@@ -126,10 +126,10 @@ def run_ours(args) -> Dict:
     vae, transformer, head, patch_nums = build_models(args)
     vae, transformer, head = vae.to(device, dtype), transformer.to(device, dtype), head.to(device, dtype)
     if args.int8:  # hart_pipeline.quantization's int8 path, applied to the in-memory models
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        from hart_pipeline.quantization import quantize_int8_
 
-        for module in (transformer, head):
-            quantize_(module, Int8DynamicActivationInt8WeightConfig())
+        quantize_int8_(transformer)
+        quantize_int8_(head)
     if args.compile:
         transformer.compile_repeated_blocks(dynamic=True)
     if args.attention:

@@ -59,12 +59,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    from hart_pipeline.quantization import quantize_int8_
 
     vae, transformer, head, patch_nums = build_models(args)
     q_transformer, q_head = copy.deepcopy(transformer), copy.deepcopy(head)
     for module in (q_transformer, q_head):
-        quantize_(module, Int8DynamicActivationInt8WeightConfig())
+        quantize_int8_(module)
     context, positions = text_inputs(args, 1, torch.device("cpu"))
     tokens, reference = image(transformer, head, vae, context, positions, patch_nums, args.seed)
     fp32 = guided_logits(transformer, vae, context, positions, tokens.indices, patch_nums)

@@ -7,23 +7,33 @@ sampled tokens (it is not exact), so it is never the default. The diffusers way,
     from hart_pipeline.quantization import int8_config
     pipe = HARTPipeline.from_pretrained(folder, dtype=torch.float32, quantization_config=int8_config())
 
-(``hart generate --int8`` does the same.) The tokenizer (convolutions) and the text encoder stay as loaded.
+(``hart generate --int8`` does the same; ``quantize_int8_(pipe.transformer)`` does it to a loaded model.) The tokenizer (convolutions) and the text encoder stay as loaded.
 """
 
 INT8_COMPONENTS = ("transformer", "residual_head")
 
 
-def int8_config(components=INT8_COMPONENTS):
-    """A ``PipelineQuantizationConfig``: torchao's ``Int8DynamicActivationInt8WeightConfig`` for ``components``."""
+def _int8_layer_config():
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig
     except ImportError as e:
         raise ImportError("int8 inference needs torchao: `pip install torchao` (CPU or CUDA build).") from e
+    return Int8DynamicActivationInt8WeightConfig()
+
+
+def quantize_int8_(module) -> None:
+    """The same int8 layers in an already loaded module (e.g. ``pipe.transformer``), in place."""
+    from torchao.quantization import quantize_
+
+    quantize_(module, _int8_layer_config())
+
+
+def int8_config(components=INT8_COMPONENTS):
+    """A ``PipelineQuantizationConfig``: torchao's ``Int8DynamicActivationInt8WeightConfig`` for ``components``."""
     from diffusers import TorchAoConfig
     from diffusers.quantizers import PipelineQuantizationConfig
 
-    return PipelineQuantizationConfig(
-        quant_mapping={name: TorchAoConfig(Int8DynamicActivationInt8WeightConfig()) for name in components})
+    return PipelineQuantizationConfig(quant_mapping={name: TorchAoConfig(_int8_layer_config()) for name in components})
 
 
-__all__ = ["INT8_COMPONENTS", "int8_config"]
+__all__ = ["INT8_COMPONENTS", "int8_config", "quantize_int8_"]
