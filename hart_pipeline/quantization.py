@@ -7,7 +7,8 @@ sampled tokens (it is not exact), so it is never the default. The diffusers way,
     from hart_pipeline.quantization import int8_config
     pipe = HARTPipeline.from_pretrained(folder, dtype=torch.float32, quantization_config=int8_config())
 
-(``hart generate --int8`` does the same; ``quantize_int8_(pipe.transformer)`` does it to a loaded model.) The tokenizer (convolutions) and the text encoder stay as loaded.
+(``hart generate --int8`` does the same; ``quantize_int8_(pipe.transformer)`` does it to a loaded model.) The
+tokenizer (convolutions) and the text encoder stay as loaded.
 """
 
 INT8_COMPONENTS = ("transformer", "residual_head")
