@@ -24,7 +24,9 @@ def _teach(diffusers: ModuleType, package: ModuleType, names: Sequence[str]) -> 
                 value = getattr(package, name)
                 setattr(self, name, value)
                 return value
-            return base.__getattr__(self, name) if hasattr(base, "__getattr__") else ModuleType.__getattribute__(self, name)
+            if hasattr(base, "__getattr__"):
+                return base.__getattr__(self, name)
+            return ModuleType.__getattribute__(self, name)
 
     DiffusersWithHART.__name__ = base.__name__
     diffusers.__class__ = DiffusersWithHART

@@ -130,7 +130,8 @@ def validate_generate_args(parser: argparse.ArgumentParser, args: argparse.Names
         if importlib.util.find_spec("torchao") is None:
             parser.error("argument --int8: needs torchao; `pip install torchao`, or leave --int8 out.")
         if args.dtype not in (None, "float32", "fp32"):
-            parser.error(f"argument --int8: the int8 layers take float32 activations; leave --dtype out (got {args.dtype}).")
+            parser.error(f"argument --int8: the int8 layers take float32 activations; leave --dtype out "
+                         f"(got {args.dtype}).")
     from .validation import check_device  # (imports torch: after every check that needs none)
 
     try:
@@ -199,9 +200,10 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         except OSError as e:
             if os.path.isdir(args.model):
                 raise
+            said = str(e).replace(" Please check out the root cause in the stacktrace above.", "")
             raise OSError(f"--model {args.model}: no such folder here, and no Hub repo of that name could be loaded "
                           "(offline without a cached copy, a mistyped id, or a private repo: run `hf auth login` "
-                          f"first). Check the name; a Hub id looks like user/name. The Hub said: {str(e).replace(' Please check out the root cause in the stacktrace above.', '')}") from None
+                          f"first). Check the name; a Hub id looks like user/name. The Hub said: {said}") from None
     pipe.to(device)
     pipe.set_progress_bar_config(desc="hart generate")
     size = args.size or pipe.default_size
