@@ -115,14 +115,14 @@ def test_kv_cache_overflow():
     cache = KVCache(num_layers=1, batch_size=1, num_heads=2, max_length=5, head_dim=4, dtype=torch.float32,
                     device=torch.device("cpu"))
     k = torch.randn(1, 2, 3, 4)
-    keys, values = cache.update(0, k, k + 1)
+    keys, values = cache.layers[0].update(k, k + 1)
     assert torch.equal(keys, k) and torch.equal(values, k + 1)
     cache.advance(3)
-    keys, _ = cache.update(0, k[:, :, :2], k[:, :, :2])
+    keys, _ = cache.layers[0].update(k[:, :, :2], k[:, :, :2])
     assert keys.shape == (1, 2, 5, 4) and torch.equal(keys[:, :, :3], k)
     cache.advance(2)
     with pytest.raises(RuntimeError, match="overflow"):
-        cache.update(0, k[:, :, :1], k[:, :, :1])
+        cache.layers[0].update(k[:, :, :1], k[:, :, :1])
 
 
 def test_kv_cache_is_sized_for_one_generation():

@@ -78,10 +78,6 @@ class KVCache:
     def batch_size(self) -> int:
         return self.keys.shape[1]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``layers[layer].update(k, v)``."""
-        return self.layers[layer].update(k, v)
-
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
 

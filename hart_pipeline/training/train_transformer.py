@@ -281,13 +281,6 @@ def init_head(head: HARTResidualHead) -> None:
         head.final_layer.linear.bias.zero_()
 
 
-def _pretrained_context_dim(args) -> Optional[int]:
-    if not args.pretrained_model:
-        return None
-    with open(os.path.join(args.pretrained_model, "transformer", "config.json")) as f:
-        return json.load(f)["context_dim"]
-
-
 def build_models(args, context_dim: int, tokenizer: HARTHybridTokenizer):
     """(transformer, head): loaded from ``--pretrained_model`` or new from the model options."""
     if args.pretrained_model:
@@ -402,10 +395,12 @@ def main(argv=None):
         from ..default_model import DEFAULT_MODEL_DIR
 
         args.pretrained_model = str(DEFAULT_MODEL_DIR)
+    pretrained_context_dim = None  # a new text encoder takes the pretrained transformer's context width
     if args.pretrained_model:
         args.tokenizer_path = args.tokenizer_path or os.path.join(args.pretrained_model, "vae")
         with open(os.path.join(args.pretrained_model, "transformer", "config.json")) as f:
-            args.context_tokens = json.load(f)["context_tokens"]
+            pretrained = json.load(f)
+        args.context_tokens, pretrained_context_dim = pretrained["context_tokens"], pretrained["context_dim"]
     cache_dir = args.cache_dir or os.path.join(args.output_dir, "cache")
     session = TrainingSession(args)
     accelerator = session.accelerator
@@ -417,7 +412,7 @@ def main(argv=None):
     if args.train_text_encoder:
         if args.new_text_encoder:
             with accelerator.main_process_first():
-                args.text_encoder_path = prepare_new_text_encoder(args, _pretrained_context_dim(args))
+                args.text_encoder_path = prepare_new_text_encoder(args, pretrained_context_dim)
         text_tokenizer, text_encoder = load_text_encoder(args.text_encoder_path, trainable=True)
         text = caption_ids(args, text_tokenizer, args.context_tokens)
         context_dim = text_encoder.config.hidden_size
