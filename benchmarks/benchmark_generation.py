@@ -38,6 +38,8 @@ from hart_pipeline import (  # noqa: E402
 from hart_pipeline.schedules import PATCH_NUMS  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# glibc reads these at process start: blocks up to 1 GiB from the heap, the heap top never trimmed
+KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2 ** 31 - 1)}
 
 
 def build_models(args):
@@ -203,6 +205,9 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--token-pruning", type=lambda v: tuple(float(x) if "." in x else int(x) for x in v.split(":")),
                         nargs="+", help="fast mode (ours): SIDE:FRACTION pairs, e.g. 48:0.5 64:0.75")
     parser.add_argument("--int8", action="store_true", help="ours with dynamic int8 Linear layers (transformer + head)")
+    parser.add_argument("--keep-freed-memory", choices=["ours", "both"],
+                        help="glibc malloc keeps freed blocks for reuse instead of unmapping them (%s) in our process "
+                             "only, or in both (default: neither)" % " ".join(f"{k}={v}" for k, v in KEEP_FREED.items()))
     parser.add_argument("--repeats", type=int, default=1, help="interleaved measured runs of each implementation")
     parser.add_argument("--json", help="also write the figures to this JSON file (e.g. benchmarks/results/...)")
     parser.add_argument("--impl", choices=["ours", "official"], help=argparse.SUPPRESS)  # subprocess mode
@@ -216,7 +221,8 @@ def main(argv: List[str] = None) -> None:
 
     def child(impl: str) -> Dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl] + (argv if argv is not None else sys.argv[1:])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE)
+        env = {**os.environ, **(KEEP_FREED if args.keep_freed_memory in ("both", impl) else {})}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE, env=env)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     # interleaved: ours, official, ours, official ... (one measured run each), so both see the same machine load
@@ -228,10 +234,11 @@ def main(argv: List[str] = None) -> None:
     key = "cpu_seconds" if args.device == "cpu" else "seconds"
     print(f"HART generation, {args.resolution}px schedule, layers={args.layers}, width={args.width}, "
           f"{args.device} {args.dtype}, torch {torch.__version__}, {args.repeats} interleaved run(s), "
-          f"{'CPU time' if key == 'cpu_seconds' else 'wall time'} (best of the runs)")
+          f"{'CPU time' if key == 'cpu_seconds' else 'wall time'} (best of the runs), freed memory kept: "
+          f"{args.keep_freed_memory or 'neither'}")
     report = {"resolution": args.resolution, "layers": args.layers, "width": args.width, "device": args.device,
               "dtype": args.dtype, "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
-              "timing": key, "repeats": args.repeats,
+              "timing": key, "repeats": args.repeats, "keep_freed_memory": args.keep_freed_memory or "neither",
               "batches": {}}
     for batch in args.batch:
         rows = {}
