@@ -61,7 +61,7 @@ def build_official(path: str, vae, transformer, head, device: torch.device, dtyp
         vae_path="(in memory)", context_token=tc.context_tokens, context_dim=tc.context_dim, embed_dim=tc.embed_dim,
         depth=tc.num_layers, num_heads=tc.num_heads, mlp_ratio=tc.mlp_ratio, norm_eps=tc.norm_eps,
         patch_nums=tuple(tc.patch_nums), attn_type="llama", mlp_type="llama", disable_aln=True, shared_aln=False,
-        use_timestep_embed=True, use_context_norm=True, use_cross_attn=False, attn_l2_norm=False,
+        use_timestep_embed=True, use_context_norm=True, use_cross_attn=False, attn_l2_norm=tc.attn_l2_norm,
         diff_width=hc.width, diff_depth=hc.num_layers, num_sampling_steps="8", sampler="iddpm"))
     state = dict(transformer.state_dict())
     state.update({"diffloss.net." + k: v for k, v in head.state_dict().items()})

@@ -36,7 +36,6 @@ REQUIRED_TRANSFORMER_FLAGS = {
     "use_timestep_embed": True,
     "use_context_norm": True,
     "use_cross_attn": False,
-    "attn_l2_norm": False,
 }
 # The official config class defaults, for flags an official config.json leaves out.
 OFFICIAL_FLAG_DEFAULTS = {
@@ -47,7 +46,6 @@ OFFICIAL_FLAG_DEFAULTS = {
     "use_timestep_embed": False,
     "use_context_norm": False,
     "use_cross_attn": False,
-    "attn_l2_norm": False,
 }
 DERIVED_TRANSFORMER_KEYS = ("lvl_1L", "attn_bias_for_masking")  # rebuilt from patch_nums at run time
 TRAINING_ONLY_TOKENIZER_KEYS = ("quantize.ema_vocab_hit_SV",)
@@ -216,6 +214,9 @@ def convert_official(src: str, ema: bool = True) -> HARTComponents:
     llm, tokenizer_folder = _locate(src)
     config = _read_config(llm, {"hart_transformer_t2i"})
     flags = {k: config.get(k, OFFICIAL_FLAG_DEFAULTS[k]) for k in REQUIRED_TRANSFORMER_FLAGS}
+    attn_l2_norm = config.get("attn_l2_norm", False)  # cosine attention (scale_mul_1H11 keys): supported either way
+    if not isinstance(attn_l2_norm, bool):
+        raise CheckpointError(f"{llm}: `attn_l2_norm` must be true or false; got {attn_l2_norm!r}.")
     wrong = {k: v for k, v in flags.items() if v != REQUIRED_TRANSFORMER_FLAGS[k]}
     if wrong:
         raise CheckpointError(f"{llm}: unsupported architecture flags {wrong}; HART needs {REQUIRED_TRANSFORMER_FLAGS}.")
@@ -232,7 +233,8 @@ def convert_official(src: str, ema: bool = True) -> HARTComponents:
     names = ["ema_model.safetensors", "ema_model.bin"] if ema else ["model.safetensors", "pytorch_model.bin"]
     raw = load_state_dict(llm, names)
     transformer = _build(HARTTransformer, config_path, config, TRANSFORMER_FIELDS, patch_nums=patch_nums,
-                         latent_channels=vae.config.latent_channels, vocab_size=vae.config.vocab_size)
+                         latent_channels=vae.config.latent_channels, vocab_size=vae.config.vocab_size,
+                         attn_l2_norm=attn_l2_norm)
     head = _build(HARTResidualHead, config_path, config, HEAD_FIELDS, latent_channels=vae.config.latent_channels,
                   condition_dim=transformer.config.embed_dim)
     trunk_state, head_state = split_official_transformer_state(raw)

@@ -152,3 +152,29 @@ class Block:
 sys.meta_path.insert(0, Block())
 sys.path = [p for p in sys.path if p not in ("", ".") and "wt" not in p.split("/")]
 """
+
+
+def attn_l2_norm_checkpoint(dst: str) -> str:
+    """The tiny4 official parity checkpoint with the official ``attn_l2_norm`` switched on: ``attn_l2_norm: true``
+    in its config and a ``scale_mul_1H11`` per block (log 4 + 0.5 randn, Generator seed 11), in both weight files.
+    Its official sampling is recorded in ``fixtures/parity/tiny4/attn_l2_norm.safetensors``."""
+    import json
+    import shutil
+
+    shutil.copytree(os.path.join(FIXTURES, "parity", "tiny4", "official"), dst)
+    llm = os.path.join(dst, "llm")
+    with open(os.path.join(llm, "config.json")) as f:
+        config = json.load(f)
+    config["attn_l2_norm"] = True
+    with open(os.path.join(llm, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    g = torch.Generator().manual_seed(11)
+    scales = [torch.full((1, config["num_heads"], 1, 1), 4.0).log() + 0.5 * torch.randn(1, config["num_heads"], 1, 1,
+                                                                                        generator=g)
+              for _ in range(config["depth"])]
+    for name in ("ema_model.bin", "pytorch_model.bin"):
+        path = os.path.join(llm, name)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state.update({f"blocks.{i}.attn.scale_mul_1H11": s.clone() for i, s in enumerate(scales)})
+        torch.save(state, path)
+    return dst

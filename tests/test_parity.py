@@ -170,6 +170,31 @@ def test_full_sampling_matches_official(case, mode):
     assert abs_err(decode_tokens(case["vae"], tokens), e[f"sample.{mode}.image"]) <= 1e-4
 
 
+def test_attn_l2_norm_sampling_matches_official(tmp_path):
+    """The official ``attn_l2_norm`` option (cosine attention, learned per-head temperature ``scale_mul_1H11``):
+    converted from the official layout, the official tokens at every scale and its image."""
+    from conftest import attn_l2_norm_checkpoint
+
+    dst = str(tmp_path / "diffusers")
+    convert(attn_l2_norm_checkpoint(str(tmp_path / "official")), dst)
+    transformer = HARTTransformer.from_pretrained(os.path.join(dst, "transformer")).eval()
+    assert transformer.config.attn_l2_norm and all(b.attn.scale == 1.0 for b in transformer.blocks)
+    head = HARTResidualHead.from_pretrained(os.path.join(dst, "residual_head")).eval()
+    vae = HARTHybridTokenizer.from_pretrained(os.path.join(dst, "vae")).eval()
+    e = load_file(os.path.join(FIXTURES, "parity", "tiny4", "expected.safetensors"))
+    recorded = load_file(os.path.join(FIXTURES, "parity", "tiny4", "attn_l2_norm.safetensors"))
+    tokens = generate_tokens(transformer, vae, e["ctx"], e["ctx_pos"], patch_nums=(1, 2, 3, 4), guidance_scale=4.5,
+                             smooth=False, generator=torch.Generator().manual_seed(7))
+    for si, idx in enumerate(tokens.indices):
+        assert torch.equal(idx, recorded[f"idx.{si}"]), f"scale {si} tokens differ"
+    # the same checkpoint without the option draws other tokens: the recording depends on it
+    plain = e["sample.plain.idx.3"]
+    assert not torch.equal(tokens.indices[3], plain)
+    tokens = add_residual(tokens, head, HARTResidualScheduler.from_pretrained(os.path.join(dst, "scheduler")),
+                          generator=torch.Generator().manual_seed(123))
+    assert abs_err(decode_tokens(vae, tokens), recorded["image"]) <= 1e-4
+
+
 # ------------------------------------------------------------------------------------------------ training step
 @pytest.fixture(scope="module")
 def tiny8(tmp_path_factory):

@@ -215,12 +215,16 @@ def test_trainers_write_a_pipeline_folder_that_loads_and_resumes(tmp_path):
                                    "--vocab_size", "64", "--base_channels", "32", "--patch_nums", "1", "2", "3", "4"])
     args = common + ["--output_dir", hart_dir, "--tokenizer_path", os.path.join(tok_dir, "vae"), "--embed_dim", "64",
                      "--num_layers", "1", "--num_heads", "2", "--context_tokens", "8", "--head_width", "32",
-                     "--head_layers", "1"]
+                     "--head_layers", "1", "--attn_l2_norm"]
     train_transformer.main(args + ["--train_steps", "2"])
     train_transformer.main(args + ["--train_steps", "3", "--resume", "latest"])
     with open(os.path.join(hart_dir, "train_summary.json")) as f:
         assert json.load(f)["steps"] == 3  # resumed at step 2, trained one more
     pipe = HARTPipeline.from_pretrained(hart_dir)
+    assert pipe.transformer.config.attn_l2_norm  # the learned temperatures were trained and saved
+    assert not torch.allclose(pipe.transformer.blocks[0].attn.scale_mul_1H11, torch.tensor(4.0).log())
+    with pytest.raises(ValueError, match="--attn_l2_norm builds a new transformer"):
+        train_transformer.main(args + ["--pretrained_model", hart_dir, "--output_dir", str(tmp_path / "ft")])
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle above a blue square", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
@@ -534,3 +538,32 @@ def test_colour_twins_share_every_batch(tmp_path, trained_tokenizer, monkeypatch
         assert all({2 * p, 2 * p + 1} <= set(rows) for p in pairs)
     with pytest.raises(ValueError, match="--batch_size must be even"):
         train_transformer.main(["--colour_twins", "--batch_size", "5", "--output_dir", "unused"])
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_time_limit_is_the_main_process_decision_on_every_rank(tmp_path, monkeypatch, processes):
+    """With several processes each rank's own clock could stop it a step before the others (which then wait in
+    the gradient all-reduce forever); the main process's verdict is broadcast instead."""
+    import time
+
+    import accelerate.utils
+
+    from hart_pipeline.training.utils import log_and_checkpoint
+
+    calls = []
+
+    def broadcast(tensor, from_process=0):  # the main process has run out of time; this rank's clock has not
+        calls.append(from_process)
+        return torch.ones_like(tensor)
+
+    monkeypatch.setattr(accelerate.utils, "broadcast", broadcast)
+    accelerator = SimpleNamespace(num_processes=processes, is_main_process=False, device=torch.device("cpu"))
+    args = SimpleNamespace(log_every=100, eval_every=0, checkpoint_every=100, max_minutes=60.0, train_steps=10,
+                           output_dir=str(tmp_path), keep_checkpoints=2)
+    saved = []
+    done = log_and_checkpoint(accelerator, args, 3, {}, None, str(tmp_path / "log.jsonl"), time.time(), (),
+                              saved.append, None)
+    if processes == 1:  # one process: its own clock, no collective
+        assert (done, calls, saved) == (False, [], [])
+    else:
+        assert done and calls == [0] and saved == [os.path.join(str(tmp_path), "checkpoints", "step_3")]

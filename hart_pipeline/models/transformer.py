@@ -26,7 +26,7 @@ from diffusers.utils import BaseOutput
 from .. import kernels
 from ..loading import StrictLoadingMixin
 from ..schedules import PATCH_NUMS
-from ..validation import check_config, int_list, positive_int, positive_real
+from ..validation import boolean, check_config, int_list, positive_int, positive_real
 from .layers import RMSNorm, TimestepEmbedding, apply_rope, image_positions, image_rope, text_rope
 
 
@@ -103,6 +103,9 @@ class HARTAttnProcessor:
         # the projection runs as a module call (offload hooks, quantized layers see it), its bias added after
         qkv = (attn.qkv_proj(hidden_states) + bias).view(B, L, 3, attn.num_heads, attn.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
+        if attn.l2_norm:  # cosine attention with a learned temperature per head (before RoPE, as the official code)
+            q = F.normalize(q, dim=-1) * attn.scale_mul_1H11.clamp_max(attn.max_scale_mul).exp()
+            k = F.normalize(k, dim=-1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k, v = kv.update(k, v)
@@ -113,20 +116,29 @@ class HARTAttnProcessor:
 class HARTAttention(nn.Module, AttentionModuleMixin):
     """Multi-head self-attention with a fused qkv projection, q/v biases (no k bias) and RoPE.
 
-    The softmax scale is ``0.25 / sqrt(head_dim)`` (VAR's scale without l2-normalised q/k).
+    The softmax scale is ``0.25 / sqrt(head_dim)`` (VAR's scale without l2-normalised q/k; the released model).
+    With ``l2_norm`` (the official ``attn_l2_norm``, VAR's default): q and k are L2-normalised per head and q is
+    multiplied by a learned per-head temperature ``exp(scale_mul_1H11)`` (initialised to 4, capped at 100), softmax
+    scale 1, so a head can sharpen its attention without growing its q/k weights.
     """
 
     _default_processor_cls = HARTAttnProcessor
     _available_processors = [HARTAttnProcessor]
     _supports_qkv_fusion = False  # already fused
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, l2_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}.")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.l2_norm = l2_norm
+        if l2_norm:
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())  # the official name
+            self.max_scale_mul = math.log(100.0)
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
         self.qkv_proj = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -154,10 +166,10 @@ class HARTFeedForward(nn.Module):
 class HARTBlock(nn.Module):
     """Pre-norm Llama block; one RMSNorm (``ln_wo_grad``) serves both sub-layers, no AdaLN."""
 
-    def __init__(self, dim: int, num_heads: int, hidden_dim: int, eps: float):
+    def __init__(self, dim: int, num_heads: int, hidden_dim: int, eps: float, attn_l2_norm: bool = False):
         super().__init__()
         self.ln_wo_grad = RMSNorm(dim, eps)
-        self.attn = HARTAttention(dim, num_heads)
+        self.attn = HARTAttention(dim, num_heads, attn_l2_norm)
         self.ffn = HARTFeedForward(dim, hidden_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: Optional[LayerKV] = None,
@@ -225,6 +237,8 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
         context_dim: hidden size of the text encoder.
         patch_nums: default patch schedule (the released model: 1024px, 14 scales).
         rope_theta: RoPE base.
+        attn_l2_norm: cosine attention with a learned per-head temperature (see :class:`HARTAttention`); the
+            official option, off in the released model (False also for configs that do not state it).
     """
 
     _supports_gradient_checkpointing = True
@@ -250,9 +264,11 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
         context_dim: int = 1536,
         patch_nums: Tuple[int, ...] = PATCH_NUMS[1024],
         rope_theta: float = 10000.0,
+        attn_l2_norm: bool = False,
     ):
         super().__init__()
         check_config("HARTTransformer", locals(), CONFIG_RULES)
+        check_config("HARTTransformer", locals(), {"attn_l2_norm": boolean})  # optional in config.json (default off)
         if embed_dim % num_heads or (embed_dim // num_heads) % 4:
             raise ValueError(f"HARTTransformer config: `embed_dim` ({embed_dim}) / `num_heads` ({num_heads}) must be an "
                              "integer head size divisible by 4 (HART's 2D RoPE); fix them in the config.json.")
@@ -261,7 +277,8 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
         self.context_embed = nn.Linear(context_dim, embed_dim)
         self.context_norm = RMSNorm(context_dim, norm_eps)
         self.lvl_embed = TimestepEmbedding(embed_dim)
-        self.blocks = nn.ModuleList(HARTBlock(embed_dim, num_heads, hidden_dim, norm_eps) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(HARTBlock(embed_dim, num_heads, hidden_dim, norm_eps, attn_l2_norm)
+                                    for _ in range(num_layers))
         self.head_nm = AdaLNBeforeHead(embed_dim, norm_eps)
         self.head = nn.Linear(embed_dim, vocab_size)
         self.decoder_norm = RMSNorm(embed_dim, norm_eps)

@@ -187,8 +187,8 @@ def main(argv=None):
             json.dump({"steps": session.step, "wall_minutes": (time.time() - start) / 60,
                        "num_processes": accelerator.num_processes, "rank_parameter_checksums": checksums}, f, indent=2)
         accelerator.print(f"saved {args.output_dir}/vae after {session.step} steps")
-    accelerator.wait_for_everyone()  # no rank tears the process group down while the main one still exports
-    accelerator.end_training()
+    del module, optimizer  # the prepared (DDP-wrapped) objects: see TrainingSession.close
+    session.close()
 
 
 if __name__ == "__main__":

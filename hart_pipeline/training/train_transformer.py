@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed_dim", type=int, default=128)
     p.add_argument("--num_layers", type=int, default=4)
     p.add_argument("--num_heads", type=int, default=4)
+    p.add_argument("--attn_l2_norm", action="store_true",
+                   help="a new transformer with cosine attention and a learned per-head temperature (the official "
+                        "attn_l2_norm, VAR's default; the released model has it off)")
     p.add_argument("--mlp_ratio", type=float, default=4.0)
     p.add_argument("--context_tokens", type=int, default=32)
     p.add_argument("--head_width", type=int, default=128)
@@ -297,7 +300,7 @@ def build_models(args, context_dim: int, tokenizer: HARTHybridTokenizer):
     transformer = HARTTransformer(
         latent_channels=Cv, vocab_size=V, embed_dim=args.embed_dim, num_layers=args.num_layers,
         num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, context_tokens=args.context_tokens,
-        context_dim=context_dim, patch_nums=patch_nums,
+        context_dim=context_dim, patch_nums=patch_nums, attn_l2_norm=args.attn_l2_norm,
     )
     head = HARTResidualHead(latent_channels=Cv, condition_dim=args.embed_dim, width=args.head_width,
                             num_layers=args.head_layers, residual_scale=args.residual_scale)
@@ -384,6 +387,9 @@ def main(argv=None):
     torch.set_num_threads(args.num_threads)
     if args.lora_rank and not args.pretrained_model:
         raise ValueError("--lora_rank needs --pretrained_model: LoRA adapts a trained pipeline.")
+    if args.attn_l2_norm and args.pretrained_model:
+        raise ValueError("--attn_l2_norm builds a new transformer; a --pretrained_model keeps the attention it was "
+                         "trained with (its config.json's attn_l2_norm). Leave one of them out.")
     args.train_text_encoder = args.train_text_encoder or args.new_text_encoder
     if args.lora_rank and args.train_text_encoder:
         raise ValueError("--train_text_encoder trains the whole text encoder; with --lora_rank only the transformer "
@@ -534,8 +540,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         export(args, session, tokenizer, start, checksums, full_state)
         accelerator.print(f"saved {args.output_dir} after {session.step} steps")
-    accelerator.wait_for_everyone()  # no rank tears the process group down while the main one still exports
-    accelerator.end_training()
+    del module, optimizer  # the prepared (DDP-wrapped) objects: see TrainingSession.close
+    session.close()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared training helpers: EMA of weights, config files, checkpoint bookkeeping."""
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -161,6 +162,13 @@ def log_and_checkpoint(accelerator, args: argparse.Namespace, step: int, running
     if args.eval_every > 0 and step % args.eval_every == 0 and accelerator.is_main_process:
         evaluate(os.path.join(args.output_dir, "samples", f"step_{step}.png"))
     out_of_time = args.max_minutes > 0 and (time.time() - start) / 60 > args.max_minutes
+    if args.max_minutes > 0 and accelerator.num_processes > 1:
+        # the main process's clock decides for all: a rank that stopped alone would leave the others waiting in
+        # the next step's gradient all-reduce forever
+        from accelerate.utils import broadcast
+
+        flag = torch.tensor([float(out_of_time)], device=accelerator.device)
+        out_of_time = bool(broadcast(flag, from_process=0).item())
     done = step >= args.train_steps or out_of_time
     if step % args.checkpoint_every == 0 or done:
         save(os.path.join(args.output_dir, "checkpoints", f"step_{step}"))
@@ -248,6 +256,21 @@ class TrainingSession:
         if self.trained is not None:
             state = {k: v for k, v in state.items() if k in self.trained}
         save_checkpoint(folder, self.accelerator, state, self.optimizer, self.lr_scheduler, self.step, self.ema)
+
+    def close(self) -> None:
+        """End the run on every process: a barrier (no rank tears the process group down while the main one still
+        exports), then the prepared objects are dropped before the process group is destroyed.
+
+        The order matters with several processes: DDP's gradient reducer holds the process group, and if the
+        reducer is the last to let go, the gloo group is destroyed with the GIL held while its worker thread
+        needs the GIL to release the last collective's tensors: both wait forever at interpreter exit. The
+        caller must drop its own reference to the prepared module first (``del module``).
+        """
+        self.accelerator.wait_for_everyone()
+        self.module = self.optimizer = self.loader = self.lr_scheduler = None
+        self.accelerator.free_memory()  # accelerate's own references to the prepared objects
+        gc.collect()  # the DDP wrapper's reference cycles: its reducer goes now, while the group is registered
+        self.accelerator.end_training()
 
     def parameter_checksums(self) -> list:
         """Sum of the trained parameters on every process (equal when the ranks stayed in sync)."""
