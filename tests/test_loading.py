@@ -130,6 +130,8 @@ CONFIG_CASES = [
     ("transformer", {"norm_eps": "1e-6"}, r"`norm_eps` must be a real number"),
     ("scheduler", {"num_train_timesteps": None}, r"HARTResidualScheduler config: `num_train_timesteps`"),
     ("scheduler", {"clip_sample": "yes"}, r"`clip_sample` must be True or False"),
+    ("transformer", {"attn_l2_norm": "yes"}, r"HARTTransformer config: `attn_l2_norm` must be True or False"),
+    ("transformer", {"attn_l2_norm": True}, r"HARTTransformer .*missing: .*scale_mul_1H11"),  # weights without it
 ]
 
 
