@@ -114,6 +114,27 @@ def test_heldout_set_is_fixed_balanced_and_kept_out_of_training():
     assert [data.caption(p["index"]) for p in stored["prompts"][:20]] == prompts[:20]
 
 
+def test_reworded_set_keeps_the_scenes_in_wordings_training_never_uses():
+    from hart_pipeline.training.data import NUMBERS, POSITION_WORDS, PREFIXES, RELATIONS, SHAPE_WORDS, SUFFIXES
+
+    stored, original = heldout.load_heldout(heldout.REWORDED_PATH), heldout.load_heldout()
+    assert [e["checked_as"] for e in stored["prompts"]] == [e["prompt"] for e in original["prompts"]]
+    assert [e["index"] for e in stored["prompts"]] == [e["index"] for e in original["prompts"]]
+    assert heldout.build_reworded(original) == stored  # rebuilt the same (deterministic)
+    phrases = [*PREFIXES, *SUFFIXES, *[w for ws in SHAPE_WORDS.values() for w in ws], *heldout.PLURAL_SHAPES.values(),
+               *[w for ws in POSITION_WORDS.values() for w in ws], *[w for ws, _ in RELATIONS.values() for w in ws],
+               *[w for ws in NUMBERS.values() for w in ws], "placed", "in a row", "in a column", "a", "an"]
+    vocabulary = {word for phrase in phrases for word in phrase.replace(",", " ").split()} | set(adherence.COLOURS)
+    for entry in stored["prompts"]:  # every prompt uses a word no training caption has
+        assert set(entry["prompt"].replace(",", " ").split()) - vocabulary, entry["prompt"]
+        expect, reworded = adherence.parse_prompt(entry["checked_as"]), entry["prompt"]
+        assert all(c in reworded and s in reworded for c, s in expect.objects)  # the same colours and shapes named
+        if expect.two_colours:  # in the same order: the colour swap of the probe applies to it
+            (c1, _), (c2, _) = expect.objects
+            assert reworded.index(c1) < reworded.index(c2)
+            assert adherence.swap_colours(reworded, expect).index(c2) < adherence.swap_colours(reworded, expect).index(c1)
+
+
 def test_exclusion_redraws_only_the_excluded_items():
     plain = SyntheticShapesDataset(40, 32, seed=5)
     excluded = {plain.caption(3), plain.caption(10)}
@@ -176,6 +197,12 @@ def test_evaluate_writes_contact_sheet_and_report(tmp_path):
     assert np.isfinite(result["reconstruction"]["psnr_hybrid"]["mean"])
     with pytest.raises(ValueError, match="--num-prompts"):
         evaluate.evaluate(pipe, "tiny", str(tmp_path), num_prompts=10 ** 4, seeds=[0], guidance_scale=4.5, num_images=4)
+    # the reworded set: the model reads the new wording, the checker scores the original caption's meaning
+    reworded = evaluate.evaluate(pipe, "tiny", str(tmp_path / "reworded"), num_prompts=3, seeds=[0],
+                                 guidance_scale=4.5, num_images=4, heldout_path=heldout.REWORDED_PATH)
+    assert reworded["heldout"] == heldout.REWORDED_PATH and reworded["order_probe"]["num_scenes"] == 1
+    assert reworded["adherence"]["real_images"] == result["adherence"]["real_images"]  # the same scenes
+    assert "reworded_prompts.json" in (tmp_path / "reworded" / "report.md").read_text()
 
 
 def test_compare_tokenizers_groups_seeds_and_reports_baselines_discrete_only(tmp_path):

@@ -188,10 +188,11 @@ def score_image(image: np.ndarray, prompt: str) -> Dict[str, Optional[float]]:
     return scores
 
 
-def swap_colours(prompt: str) -> str:
+def swap_colours(prompt: str, expect: Optional[Expectation] = None) -> str:
     """The prompt with the colour words of its two named objects exchanged ("a red circle above a blue square"
-    -> "a blue circle above a red square"); ``ValueError`` unless it names two objects of different colours."""
-    expect = parse_prompt(prompt)
+    -> "a blue circle above a red square"); ``ValueError`` unless it names two objects of different colours.
+    ``expect``: what the prompt asks for, when it is worded so that ``parse_prompt`` cannot read it."""
+    expect = expect or parse_prompt(prompt)
     if not expect.two_colours:
         raise ValueError(f"prompt {prompt!r} does not name two objects of different colours")
     (c1, _), (c2, _) = expect.objects

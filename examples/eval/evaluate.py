@@ -229,13 +229,15 @@ def outcome_shares(per_seed: List[List[Optional[str]]]) -> Dict[str, Dict]:
 
 
 @torch.no_grad()
-def order_probe(pipe: HARTPipeline, prompts: List[str], indices: Sequence[torch.Tensor], batch_size: int = 32) -> Optional[Dict]:
+def order_probe(pipe: HARTPipeline, prompts: List[str], indices: Sequence[torch.Tensor],
+                checked: Optional[List[str]] = None, batch_size: int = 32) -> Optional[Dict]:
     """Does the model bind colours to places? Teacher-forced CE of the real scenes' 2x2-scale tokens (the scale
     that decides the arrangement) under each two-colour relation prompt and under the same prompt with its two
     colour words swapped; ``order_accuracy``: the share of scenes the true prompt explains better (0.5: the
-    colours are not bound to their places). None without such prompts or without a 2x2-like second scale."""
-    rows = [i for i, expect in enumerate(map(parse_prompt, prompts))
-            if expect.relation is not None and expect.two_colours]
+    colours are not bound to their places). ``checked``: what each prompt is scored as (a reworded set's originals;
+    default the prompts). None without such prompts or without a 2x2-like second scale."""
+    expectations = [parse_prompt(p) for p in (checked or prompts)]
+    rows = [i for i, expect in enumerate(expectations) if expect.relation is not None and expect.two_colours]
     patch_nums = list(pipe.vae.config.patch_nums)
     if not rows or len(patch_nums) < 2:
         return None
@@ -246,7 +248,8 @@ def order_probe(pipe: HARTPipeline, prompts: List[str], indices: Sequence[torch.
         given = [idx[chunk].to(pipe.transformer.device) for idx in indices]
         inputs = pipe.vae.quantizer.teacher_forcing_input(given, patch_nums)
         targets = torch.cat(given, dim=1)[:, span]
-        for key, texts in (("true", [prompts[i] for i in chunk]), ("swapped", [swap_colours(prompts[i]) for i in chunk])):
+        swapped = [swap_colours(prompts[i], expectations[i]) for i in chunk]
+        for key, texts in (("true", [prompts[i] for i in chunk]), ("swapped", swapped)):
             embeds, positions, _, _ = pipe.encode_prompt(texts)
             logits = pipe.transformer(embeds, positions, inputs.to(pipe.transformer.dtype), patch_nums).logits[:, span]
             ce[key].append(torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").mean(1))
@@ -255,8 +258,8 @@ def order_probe(pipe: HARTPipeline, prompts: List[str], indices: Sequence[torch.
             "ce_swapped": swapped.mean().item(), "order_accuracy": (true < swapped).float().mean().item()}
 
 
-def teacher_forced(pipe: HARTPipeline, prompts: List[str], indices: Sequence[torch.Tensor], scales: Sequence[int],
-                   seeds: Sequence[int], guidance_scale: float) -> Dict[int, Dict]:
+def teacher_forced(pipe: HARTPipeline, prompts: List[str], checked: List[str], indices: Sequence[torch.Tensor],
+                   scales: Sequence[int], seeds: Sequence[int], guidance_scale: float) -> Dict[int, Dict]:
     """{K: {criterion: mean ± std over seeds}}: adherence (discrete decoding) when the first K scales are
     ``indices`` (per scale (N, pn^2), the real scenes' tokens) and the AR stage samples the others."""
     out = {}
@@ -264,7 +267,7 @@ def teacher_forced(pipe: HARTPipeline, prompts: List[str], indices: Sequence[tor
         rows = []
         for seed in seeds:
             images = generate(pipe, prompts, seed, guidance_scale, prefix=indices[:k])["discrete_only"]
-            rows.append(mean_scores([score_image(to_uint8(im), p) for im, p in zip(images, prompts)]))
+            rows.append(mean_scores([score_image(to_uint8(im), p) for im, p in zip(images, checked)]))
         out[k] = {c: mean_std([r[c] for r in rows]) for c in CRITERIA}
     return out
 
@@ -284,13 +287,14 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
         raise ValueError(f"--num-prompts {num_prompts} exceeds the {len(heldout['prompts'])} held-out prompts")
     os.makedirs(output_dir, exist_ok=True)
     entries = heldout["prompts"][:num_prompts]
-    prompts = [e["prompt"] for e in entries]
+    prompts = [e["prompt"] for e in entries]  # what the model reads
+    checked = [e.get("checked_as", e["prompt"]) for e in entries]  # what the checker scores (a reworded set's original)
     layouts = [e["layout"] for e in entries]
     size = pipe.default_size
     scenes = SyntheticShapesDataset(10 ** 7, size, heldout["data_seed"])
     items = [scenes.item(e["index"]) for e in entries]
     real = torch.stack([it.image for it in items])  # the real scenes of the prompts: ceilings and Fréchet reference
-    if [it.caption for it in items] != prompts:
+    if [it.caption for it in items] != checked:
         raise ValueError(f"{heldout_path} does not match SyntheticShapesDataset(seed={heldout['data_seed']}): rebuild it")
 
     start, per_seed, sheet = time.time(), {"with_residual": [], "discrete_only": []}, []
@@ -299,18 +303,18 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
     for seed in seeds:
         images = generate(pipe, prompts, seed, guidance_scale)
         for key, batch in images.items():
-            per_seed[key].append([score_image(to_uint8(im), p) for im, p in zip(batch, prompts)])
+            per_seed[key].append([score_image(to_uint8(im), p) for im, p in zip(batch, checked)])
             frechet[key].append(frechet_distance(real_features, random_features(batch)))
         sheet.append([to_uint8(im) for im in images["with_residual"][:sheet_prompts]])
-        outcomes.append([relation_outcome(to_uint8(im), p) for im, p in zip(images["with_residual"], prompts)])
+        outcomes.append([relation_outcome(to_uint8(im), p) for im, p in zip(images["with_residual"], checked)])
     seconds = (time.time() - start) / (len(prompts) * len(seeds))
     with torch.no_grad():
         real_tokens = pipe.vae.encode(real.to(pipe.vae.device, pipe.vae.dtype))  # also the teacher-forced prefixes
         recon = pipe.vae.decode(real_tokens.indices, real_tokens.residual).sample
     adherence = {key: {c: mean_std([mean_scores(scores)[c] for scores in rows]) for c in CRITERIA}
                  for key, rows in per_seed.items()}
-    adherence["real_images"] = mean_scores([score_image(to_uint8(im), p) for im, p in zip(real, prompts)])
-    adherence["tokenizer_reconstructions"] = mean_scores([score_image(to_uint8(im), p) for im, p in zip(recon.float().cpu(), prompts)])
+    adherence["real_images"] = mean_scores([score_image(to_uint8(im), p) for im, p in zip(real, checked)])
+    adherence["tokenizer_reconstructions"] = mean_scores([score_image(to_uint8(im), p) for im, p in zip(recon.float().cpu(), checked)])
 
     images = heldout_scenes(heldout["data_seed"], num_images, size)
     recon_rows = [reconstruction(HARTHybridTokenizer.from_pretrained(path), images) for path in vaes] or \
@@ -323,8 +327,9 @@ def evaluate(pipe: HARTPipeline, model_name: str, output_dir: str, num_prompts: 
                               else pipe.scheduler.config.guidance_scale),
         "by_layout": adherence_by_layout(per_seed["with_residual"], layouts),
         "relation_outcomes": outcome_shares(outcomes),
-        "order_probe": order_probe(pipe, prompts, real_tokens.indices),
-        "teacher_forced": teacher_forced(pipe, prompts, real_tokens.indices, teacher_forced_scales, seeds, guidance_scale),
+        "order_probe": order_probe(pipe, prompts, real_tokens.indices, checked),
+        "teacher_forced": teacher_forced(pipe, prompts, checked, real_tokens.indices, teacher_forced_scales, seeds,
+                                         guidance_scale),
         "frechet": {key: mean_std(v) for key, v in frechet.items()},
         "reconstruction": {"num_images": num_images, "vaes": list(vaes) or [f"{model_name}/vae"],
                            **{k: mean_std([row[k] for row in recon_rows]) for k in recon_rows[0]}},
@@ -353,6 +358,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model", help="HART pipeline folder (default: the built-in model)")
     parser.add_argument("--output-dir", default="eval_out", help="where contact_sheet.png and report.md/json go")
     parser.add_argument("--num-prompts", type=int, default=48, help="first N of the 256 held-out prompts")
+    parser.add_argument("--prompts-file", default=HELDOUT_PATH,
+                        help="the held-out set (default heldout_prompts.json; reworded_prompts.json: the same scenes "
+                             "in wordings the training captions never use)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds (>= 3 for error bars)")
     parser.add_argument("--guidance-scale", type=float, default=4.5)
     parser.add_argument("--num-images", type=int, default=512, help="held-out images for the reconstruction figures")
@@ -380,7 +388,7 @@ def main(argv=None) -> None:
     pipe.set_progress_bar_config(disable=True)
     result = evaluate(pipe, args.model or "built-in default model", args.output_dir, args.num_prompts, args.seeds,
                       args.guidance_scale, args.num_images, args.vaes, args.sheet_prompts,
-                      teacher_forced_scales=args.teacher_forced_scales)
+                      heldout_path=args.prompts_file, teacher_forced_scales=args.teacher_forced_scales)
     with open(os.path.join(args.output_dir, "report.md")) as f:
         print(f.read())
     print(f"wrote {args.output_dir}/contact_sheet.png, report.md, report.json ({result['seconds_per_image']:.2f} s/image)")

@@ -16,7 +16,8 @@ stream of any config in ``examples/training/`` (its ``data_seed``, ``num_samples
 Count prompts ("two green triangles") have few wordings, so without the exclusion a larger training stream
 would soon contain them all.
 
-    python examples/eval/heldout.py          # (re)write heldout_prompts.json
+    python examples/eval/heldout.py              # (re)write heldout_prompts.json
+    python examples/eval/heldout.py --reworded   # (re)write reworded_prompts.json from it (see build_reworded)
 """
 
 import functools
@@ -80,6 +81,52 @@ def build(num_prompts: int = NUM_PROMPTS, seed: int = HELDOUT_SEED,
             "procedure": "examples/eval/heldout.py", "prompts": prompts}
 
 
+# ------------------------------------------------------------------------------------------- reworded set
+# Wordings the training captions never use (issue 26): other templates, "one" / "small" / "that is", other position
+# and relation phrases. Each reworded prompt keeps its held-out scene; it is scored as the caption it rewords.
+REWORDED_PATH = os.path.join(HERE, "reworded_prompts.json")
+NEW_PLACES = {"left": ("toward the left edge", "far to the left"), "right": ("toward the right edge", "far to the right"),
+              "top": ("up high", "close to the upper edge"), "bottom": ("down low", "close to the lower edge"),
+              "center": ("in the very middle", "at the very centre")}
+NEW_RELATIONS = {"above": ("higher than", "directly above", "sitting on top of"),
+                 "below": ("lower than", "directly below", "underneath"),
+                 "left of": ("on the left side of", "further left than"),
+                 "right of": ("on the right side of", "further right than")}
+NEW_NUMBERS = {2: ("exactly two", "a couple of"), 3: ("exactly three", "a trio of")}
+PLURAL_SHAPES = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+
+
+def reword(prompt: str, rng) -> str:
+    """``prompt`` (a caption of the training templates) in a wording of the templates above."""
+    expect = parse_prompt(prompt)
+    if expect.count > 1 and len(expect.objects) == 1:
+        (colour, shape), = expect.objects
+        forms = (f"{rng.choice(NEW_NUMBERS[expect.count])} small {colour} {PLURAL_SHAPES[shape]}",
+                 f"{rng.choice(NEW_NUMBERS[expect.count])} {PLURAL_SHAPES[shape]}, all of them {colour}")
+        return rng.choice(forms)
+    if len(expect.objects) == 2:
+        (c1, s1), (c2, s2) = expect.objects
+        rel = rng.choice(NEW_RELATIONS[expect.relation])
+        forms = (f"a {s1} that is {c1}, {rel} a {s2} that is {c2}", f"one {c1} {s1} {rel} one {c2} {s2}",
+                 f"a small {c1} {s1} {rel} a small {c2} {s2}")
+        return rng.choice(forms)
+    (colour, shape), = expect.objects
+    where = rng.choice(NEW_PLACES[expect.place])
+    forms = (f"one small {colour} {shape} {where}", f"a {shape} that is {colour}, {where}",
+             f"there is one {colour} {shape} {where}")
+    return rng.choice(forms)
+
+
+def build_reworded(heldout: Dict, seed: int = 0) -> Dict:
+    """The held-out set reworded: the same scenes, each prompt in a new wording (``checked_as``: the original)."""
+    import random
+
+    rng = random.Random(seed)
+    prompts = [{**entry, "prompt": reword(entry["prompt"], rng), "checked_as": entry["prompt"]}
+               for entry in heldout["prompts"]]
+    return {**heldout, "procedure": "examples/eval/heldout.py --reworded (heldout.build_reworded)", "prompts": prompts}
+
+
 Stream = Tuple[int, int, List[str], Sequence[float]]  # data_seed, num_samples, excluded captions, layout weights
 
 
@@ -114,14 +161,18 @@ def load_heldout(path: str = HELDOUT_PATH, check: bool = True) -> Dict:
     """The held-out set; with ``check``, verified disjoint from the streams of ``examples/training/*.json``."""
     with open(path) as f:
         heldout = json.load(f)
-    if check:
-        check_disjoint([p["prompt"] for p in heldout["prompts"]], training_streams())
+    if check:  # the scenes' captions (a reworded set is scored as them) and the prompts the model reads
+        check_disjoint({p[k] for p in heldout["prompts"] for k in ("prompt", "checked_as") if k in p}, training_streams())
     return heldout
 
 
 if __name__ == "__main__":
-    result = build()
-    with open(HELDOUT_PATH, "w") as f:
+    import sys
+
+    reworded = "--reworded" in sys.argv[1:]
+    result = build_reworded(load_heldout(check=False)) if reworded else build()
+    path = REWORDED_PATH if reworded else HELDOUT_PATH
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
         f.write("\n")
-    print(f"wrote {len(result['prompts'])} prompts to {HELDOUT_PATH}")
+    print(f"wrote {len(result['prompts'])} prompts to {path}")
