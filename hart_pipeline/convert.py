@@ -65,7 +65,8 @@ TOKENIZER_FIELDS = {"z_channels": ("latent_channels", 32), "vocab_size": ("vocab
                     "share_quant_resi": ("num_phi", 4)}
 TRANSFORMER_FIELDS = {"embed_dim": ("embed_dim", 1024), "depth": ("num_layers", 16), "num_heads": ("num_heads", 16),
                       "mlp_ratio": ("mlp_ratio", 4.0), "norm_eps": ("norm_eps", 1e-6),
-                      "context_token": ("context_tokens", 77), "context_dim": ("context_dim", 768)}
+                      "context_token": ("context_tokens", 77), "context_dim": ("context_dim", 768),
+                      "attn_l2_norm": ("attn_l2_norm", False)}  # cosine attention (scale_mul_1H11 keys): either way
 HEAD_FIELDS = {"diff_width": ("width", 1024), "diff_depth": ("num_layers", 6)}
 DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -214,9 +215,6 @@ def convert_official(src: str, ema: bool = True) -> HARTComponents:
     llm, tokenizer_folder = _locate(src)
     config = _read_config(llm, {"hart_transformer_t2i"})
     flags = {k: config.get(k, OFFICIAL_FLAG_DEFAULTS[k]) for k in REQUIRED_TRANSFORMER_FLAGS}
-    attn_l2_norm = config.get("attn_l2_norm", False)  # cosine attention (scale_mul_1H11 keys): supported either way
-    if not isinstance(attn_l2_norm, bool):
-        raise CheckpointError(f"{llm}: `attn_l2_norm` must be true or false; got {attn_l2_norm!r}.")
     wrong = {k: v for k, v in flags.items() if v != REQUIRED_TRANSFORMER_FLAGS[k]}
     if wrong:
         raise CheckpointError(f"{llm}: unsupported architecture flags {wrong}; HART needs {REQUIRED_TRANSFORMER_FLAGS}.")
@@ -233,8 +231,7 @@ def convert_official(src: str, ema: bool = True) -> HARTComponents:
     names = ["ema_model.safetensors", "ema_model.bin"] if ema else ["model.safetensors", "pytorch_model.bin"]
     raw = load_state_dict(llm, names)
     transformer = _build(HARTTransformer, config_path, config, TRANSFORMER_FIELDS, patch_nums=patch_nums,
-                         latent_channels=vae.config.latent_channels, vocab_size=vae.config.vocab_size,
-                         attn_l2_norm=attn_l2_norm)
+                         latent_channels=vae.config.latent_channels, vocab_size=vae.config.vocab_size)
     head = _build(HARTResidualHead, config_path, config, HEAD_FIELDS, latent_channels=vae.config.latent_channels,
                   condition_dim=transformer.config.embed_dim)
     trunk_state, head_state = split_official_transformer_state(raw)

@@ -304,6 +304,7 @@ def test_invalid_llm_config(official, tmp_path, capsys, content, match):
     ("tokenizer", {"share_quant_resi": "4"}, r"share_quant_resi>=2"),
     ("llm", {"vae_path": []}, r"vae_path must be a folder path or null.*got \[\]"),
     ("llm", {"vae_path": ""}, r"vae_path must be a folder path or null"),
+    ("llm", {"attn_l2_norm": "yes"}, r"official field `attn_l2_norm`.*must be True or False"),
 ])
 def test_wrong_config_types(official, tmp_path, capsys, folder, changes, match):
     _edit_json(official / folder / "config.json", **changes)

@@ -115,13 +115,13 @@ def test_heldout_set_is_fixed_balanced_and_kept_out_of_training():
 
 
 def test_reworded_set_keeps_the_scenes_in_wordings_training_never_uses():
-    from hart_pipeline.training.data import NUMBERS, POSITION_WORDS, PREFIXES, RELATIONS, SHAPE_WORDS, SUFFIXES
+    from hart_pipeline.training.data import NUMBERS, PLURAL, POSITION_WORDS, PREFIXES, RELATIONS, SHAPE_WORDS, SUFFIXES
 
     stored, original = heldout.load_heldout(heldout.REWORDED_PATH), heldout.load_heldout()
     assert [e["checked_as"] for e in stored["prompts"]] == [e["prompt"] for e in original["prompts"]]
     assert [e["index"] for e in stored["prompts"]] == [e["index"] for e in original["prompts"]]
     assert heldout.build_reworded(original) == stored  # rebuilt the same (deterministic)
-    phrases = [*PREFIXES, *SUFFIXES, *[w for ws in SHAPE_WORDS.values() for w in ws], *heldout.PLURAL_SHAPES.values(),
+    phrases = [*PREFIXES, *SUFFIXES, *[w for ws in SHAPE_WORDS.values() for w in ws], *PLURAL.values(),
                *[w for ws in POSITION_WORDS.values() for w in ws], *[w for ws, _ in RELATIONS.values() for w in ws],
                *[w for ws in NUMBERS.values() for w in ws], "placed", "in a row", "in a column", "a", "an"]
     vocabulary = {word for phrase in phrases for word in phrase.replace(",", " ").split()} | set(adherence.COLOURS)

@@ -27,7 +27,7 @@ import os
 from typing import Dict, FrozenSet, Iterable, List, Sequence, Set, Tuple
 
 from adherence import parse_prompt
-from hart_pipeline.training.data import LAYOUT_WEIGHTS, LAYOUTS, SyntheticShapesDataset
+from hart_pipeline.training.data import LAYOUT_WEIGHTS, LAYOUTS, PLURAL, SyntheticShapesDataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HELDOUT_PATH = os.path.join(HERE, "heldout_prompts.json")
@@ -93,7 +93,6 @@ NEW_RELATIONS = {"above": ("higher than", "directly above", "sitting on top of")
                  "left of": ("on the left side of", "further left than"),
                  "right of": ("on the right side of", "further right than")}
 NEW_NUMBERS = {2: ("exactly two", "a couple of"), 3: ("exactly three", "a trio of")}
-PLURAL_SHAPES = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 
 
 def reword(prompt: str, rng) -> str:
@@ -101,8 +100,8 @@ def reword(prompt: str, rng) -> str:
     expect = parse_prompt(prompt)
     if expect.count > 1 and len(expect.objects) == 1:
         (colour, shape), = expect.objects
-        forms = (f"{rng.choice(NEW_NUMBERS[expect.count])} small {colour} {PLURAL_SHAPES[shape]}",
-                 f"{rng.choice(NEW_NUMBERS[expect.count])} {PLURAL_SHAPES[shape]}, all of them {colour}")
+        forms = (f"{rng.choice(NEW_NUMBERS[expect.count])} small {colour} {PLURAL[shape]}",
+                 f"{rng.choice(NEW_NUMBERS[expect.count])} {PLURAL[shape]}, all of them {colour}")
         return rng.choice(forms)
     if len(expect.objects) == 2:
         (c1, s1), (c2, s2) = expect.objects

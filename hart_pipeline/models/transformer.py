@@ -104,7 +104,7 @@ class HARTAttnProcessor:
         qkv = (attn.qkv_proj(hidden_states) + bias).view(B, L, 3, attn.num_heads, attn.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
         if attn.l2_norm:  # cosine attention with a learned temperature per head (before RoPE, as the official code)
-            q = F.normalize(q, dim=-1) * attn.scale_mul_1H11.clamp_max(attn.max_scale_mul).exp()
+            q = F.normalize(q, dim=-1) * attn.scale_mul_1H11.clamp_max(attn.MAX_SCALE_MUL).exp()
             k = F.normalize(k, dim=-1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
@@ -125,6 +125,7 @@ class HARTAttention(nn.Module, AttentionModuleMixin):
     _default_processor_cls = HARTAttnProcessor
     _available_processors = [HARTAttnProcessor]
     _supports_qkv_fusion = False  # already fused
+    MAX_SCALE_MUL = math.log(100.0)  # the l2_norm temperature's cap
 
     def __init__(self, dim: int, num_heads: int, l2_norm: bool = False):
         super().__init__()
@@ -136,7 +137,6 @@ class HARTAttention(nn.Module, AttentionModuleMixin):
         if l2_norm:
             self.scale = 1.0
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())  # the official name
-            self.max_scale_mul = math.log(100.0)
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
         self.qkv_proj = nn.Linear(dim, 3 * dim, bias=False)
@@ -267,8 +267,8 @@ class HARTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMi
         attn_l2_norm: bool = False,
     ):
         super().__init__()
-        check_config("HARTTransformer", locals(), CONFIG_RULES)
-        check_config("HARTTransformer", locals(), {"attn_l2_norm": boolean})  # optional in config.json (default off)
+        # attn_l2_norm is validated but not required in config.json (folders without it: off, as released)
+        check_config("HARTTransformer", locals(), {**CONFIG_RULES, "attn_l2_norm": boolean})
         if embed_dim % num_heads or (embed_dim // num_heads) % 4:
             raise ValueError(f"HARTTransformer config: `embed_dim` ({embed_dim}) / `num_heads` ({num_heads}) must be an "
                              "integer head size divisible by 4 (HART's 2D RoPE); fix them in the config.json.")
