@@ -483,6 +483,31 @@ def test_new_text_encoder_trains_jointly_resumes_exactly_and_is_exported(tmp_pat
     assert image.size == (32, 32)
 
 
+def test_text_encoder_lr_sets_the_text_encoder_groups_only(trained_tokenizer):
+    """--text_encoder_lr: the jointly trained text encoder's AdamW groups get it, the transformer's keep
+    --learning_rate; decay stays on matrices only; the group order is fixed (a resumed optimizer state matches);
+    a trainable encoder runs without dropout; without --train_text_encoder the option is refused."""
+    from hart_pipeline.training import train_transformer
+    from hart_pipeline.training.text import load_text_encoder
+
+    _, encoder = load_text_encoder(trainable=True)
+    assert all(m.p == 0.0 for m in encoder.modules() if isinstance(m, torch.nn.Dropout))
+    args = train_transformer.build_parser().parse_args(
+        ["--learning_rate", "5e-4", "--text_encoder_lr", "1e-4", "--train_text_encoder"])
+    tokenizer = HARTHybridTokenizer.from_pretrained(trained_tokenizer)
+    transformer, head = train_transformer.build_models(args, encoder.config.hidden_size, tokenizer)
+    module = train_transformer.TransformerTrainingModule(transformer, head, tokenizer, {}, text_encoder=encoder)
+    groups = train_transformer.parameter_groups(module, args)
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    text_ids = {id(p) for p in encoder.parameters() if p.requires_grad}
+    assert [g.get("lr") for g in groups] == [None, None, 1e-4, 1e-4]  # None: the optimizer's --learning_rate
+    assert ids[2] | ids[3] == text_ids and not (ids[0] | ids[1]) & text_ids
+    assert [g["weight_decay"] for g in groups] == [args.weight_decay, 0.0, args.weight_decay, 0.0]
+    assert id(transformer.blocks[0].attn.qkv_proj.weight) in ids[0] and id(transformer.blocks[0].attn.q_bias) in ids[1]
+    with pytest.raises(ValueError, match="--text_encoder_lr.*--train_text_encoder"):
+        train_transformer.main(["--text_encoder_lr", "1e-4", "--output_dir", "unused"])
+
+
 def test_train_text_encoder_refuses_lora():
     from hart_pipeline.training import train_transformer
 

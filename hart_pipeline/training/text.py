@@ -28,7 +28,8 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 def load_text_encoder(path: Optional[str] = None, device="cpu", trainable: bool = False):
     """(tokenizer, encoder) from a local folder (default: the MiniLM package); frozen and in eval mode unless
-    ``trainable`` (then only the pooler, which HART never reads, stays frozen)."""
+    ``trainable``: then only the pooler, which HART never reads, stays frozen, and dropout is off (as in the
+    HART transformer: the transformer learns from the same states it is later sampled with)."""
     from transformers import AutoModel, AutoTokenizer
 
     path = path or text_encoder_path()
@@ -36,6 +37,9 @@ def load_text_encoder(path: Optional[str] = None, device="cpu", trainable: bool 
     encoder = AutoModel.from_pretrained(path).to(device)
     if not trainable:
         return tokenizer, encoder.eval().requires_grad_(False)
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler.requires_grad_(False)  # unused: no gradient ever reaches it (DDP needs it frozen)
     return tokenizer, encoder

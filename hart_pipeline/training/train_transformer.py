@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_text_encoder", action="store_true",
                    help="train the text encoder with the transformer (as in diffusers' DreamBooth scripts) and export "
                         "the trained one; its states are then computed in every step, not cached")
+    p.add_argument("--text_encoder_lr", type=float, default=None,
+                   help="learning rate of a text encoder trained jointly (default: --learning_rate); a pretrained "
+                        "encoder such as MiniLM usually wants a smaller one, as in diffusers' DreamBooth scripts")
     p.add_argument("--new_text_encoder", action="store_true",
                    help="a new small BertModel + a WordPiece tokenizer of the training captions' words, trained "
                         "jointly (implies --train_text_encoder); written to <output_dir>/text_encoder_init first")
@@ -308,6 +311,22 @@ def build_models(args, context_dim: int, tokenizer: HARTHybridTokenizer):
     return transformer, head
 
 
+def parameter_groups(module: TransformerTrainingModule, args) -> List[dict]:
+    """AdamW groups: weight decay on matrices only (not on norms, biases, embeddings); a jointly trained text
+    encoder's parameters at ``--text_encoder_lr``."""
+    groups = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        text = name.startswith("text_encoder.")
+        decay = p.ndim >= 2 and "embed" not in name.split(".")[-2:][0]
+        groups.setdefault((text, decay), []).append(p)
+    text_lr = args.learning_rate if args.text_encoder_lr is None else args.text_encoder_lr
+    order = ((False, True), (False, False), (True, True), (True, False))  # fixed: a resumed optimizer state matches
+    return [{"params": groups[key], "weight_decay": args.weight_decay if key[1] else 0.0,
+             **({"lr": text_lr} if key[0] else {})} for key in order if key in groups]
+
+
 def add_lora(args, transformer: HARTTransformer, head: HARTResidualHead) -> None:
     """Freeze the base weights and add trainable LoRA adapters ("default") to the chosen linears."""
     require_peft("--lora_rank")
@@ -391,6 +410,9 @@ def main(argv=None):
         raise ValueError("--attn_l2_norm builds a new transformer; a --pretrained_model keeps the attention it was "
                          "trained with (its config.json's attn_l2_norm). Leave one of them out.")
     args.train_text_encoder = args.train_text_encoder or args.new_text_encoder
+    if args.text_encoder_lr is not None and not args.train_text_encoder:
+        raise ValueError("--text_encoder_lr sets the learning rate of a text encoder trained jointly; add "
+                         "--train_text_encoder (or --new_text_encoder), or leave it out.")
     if args.lora_rank and args.train_text_encoder:
         raise ValueError("--train_text_encoder trains the whole text encoder; with --lora_rank only the transformer "
                          "and residual head get adapters. Use one or the other.")
@@ -453,13 +475,7 @@ def main(argv=None):
         cond_drop_prob=args.cond_drop_prob, diffusion_batch_mul=args.diffusion_batch_mul,
         diffusion_weight=args.diffusion_weight, scale_loss_weights=args.scale_loss_weights, text_encoder=text_encoder,
     )
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "embed" in name.split(".")[-2:][0] else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.learning_rate, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(parameter_groups(module, args), lr=args.learning_rate, betas=(0.9, 0.95))
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.train_steps))
     group = 2 if args.colour_twins else 1  # twins are shuffled as pairs and always share a batch
     dataset = TensorDataset(torch.arange(args.num_samples // group))
