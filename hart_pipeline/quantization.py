@@ -11,7 +11,28 @@ sampled tokens (it is not exact), so it is never the default. The diffusers way,
 tokenizer (convolutions) and the text encoder stay as loaded.
 """
 
+import warnings
+from typing import Optional
+
 INT8_COMPONENTS = ("transformer", "residual_head")
+
+
+def cpu_int8_problem() -> Optional[str]:
+    """Why int8 would not pay on this CPU, or None. torchao's int8 matmuls need the CPU's int8 dot-product units
+    (VNNI or AMX); without them (e.g. an AVX2-only AMD EPYC) its layers run about 30x slower than float32
+    (``benchmarks/README.md``)."""
+    import torch
+
+    if torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported():
+        return None
+    return (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no int8 dot-product units (VNNI / AMX), so "
+            "int8 layers run about 30x slower than float32 here; leave int8 out (or use a CUDA device)")
+
+
+def _warn_if_slow_on_cpu() -> None:
+    problem = cpu_int8_problem()
+    if problem is not None:
+        warnings.warn(f"int8 on the CPU: {problem}.", stacklevel=3)
 
 
 def _int8_layer_config():
@@ -26,6 +47,8 @@ def quantize_int8_(module) -> None:
     """The same int8 layers in an already loaded module (e.g. ``pipe.transformer``), in place."""
     from torchao.quantization import quantize_
 
+    if next(module.parameters()).device.type == "cpu":
+        _warn_if_slow_on_cpu()
     quantize_(module, _int8_layer_config())
 
 
@@ -34,7 +57,12 @@ def int8_config(components=INT8_COMPONENTS):
     from diffusers import TorchAoConfig
     from diffusers.quantizers import PipelineQuantizationConfig
 
+    import torch
+
+    if not torch.cuda.is_available():  # the pipeline will run on this CPU
+        _warn_if_slow_on_cpu()
+
     return PipelineQuantizationConfig(quant_mapping={name: TorchAoConfig(_int8_layer_config()) for name in components})
 
 
-__all__ = ["INT8_COMPONENTS", "int8_config", "quantize_int8_"]
+__all__ = ["INT8_COMPONENTS", "cpu_int8_problem", "int8_config", "quantize_int8_"]

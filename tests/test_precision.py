@@ -108,6 +108,23 @@ def test_torchao_quantization_of_text_encoder_and_transformer(folder):
     assert forced.min() >= 0.9 and error < 0.1  # int8 weight-only: measured 1.0 and 0.05
 
 
+def test_int8_warns_on_a_cpu_without_int8_units(monkeypatch):
+    """quantize_int8_ / int8_config on a CPU with no VNNI / AMX: a warning that names the ~30x slowdown."""
+    pytest.importorskip("torchao")
+    from hart_pipeline.quantization import cpu_int8_problem, int8_config, quantize_int8_
+
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert "no int8 dot-product units" in cpu_int8_problem()
+    with pytest.warns(UserWarning, match="30x slower"):
+        quantize_int8_(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="VNNI / AMX"):
+            int8_config()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert cpu_int8_problem() is None
+
+
 def test_int8_dynamic_quantization_of_transformer_and_head(folder):
     """The opt-in int8 path (hart_pipeline.quantization.int8_config, `hart generate --int8`): int8 weights in the
     transformer and the residual head only, float32 elsewhere, close to fp32 but not equal."""
@@ -121,4 +138,6 @@ def test_int8_dynamic_quantization_of_transformer_and_head(folder):
     assert pipe.transformer.blocks[0].ln_wo_grad.weight.dtype == torch.float32  # not bf16: dtype=float32 kept
     assert type(pipe.vae.quantizer.embedding.weight) is torch.nn.Parameter
     forced, error = agreement(reference, pipe)
-    assert forced.min() >= 0.8 and 0 < error < 0.1  # measured: greedy agreement 1.0 1.0 0.94 0.97, error 0.047
+    # measured: greedy agreement 1.0 1.0 0.94 0.97, error 0.047 on a VNNI CPU; 0.94 min, 0.106 on an AVX2-only one
+    # (its int8 kernels take another path)
+    assert forced.min() >= 0.8 and 0 < error < 0.15
