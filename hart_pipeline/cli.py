@@ -277,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt (default: 1)")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     gen.add_argument("--int8", action="store_true",
-                     help="dynamic int8 Linear layers in the transformer and residual head (torchao; ~1.5-2x faster on a "
-                          "CPU with VNNI / AMX, refused on one without: ~30x slower there; not exact: the image "
-                          "changes a little; weights then stay float32 elsewhere)")
+                     help="dynamic int8 Linear layers in the transformer and residual head (torchao; ~1.5-2x faster "
+                          "on a CPU with VNNI / AMX, refused on one without: ~30x slower there; not exact: the "
+                          "image changes a little; weights then stay float32 elsewhere)")
     gen.add_argument("--dtype", choices=DTYPE_CHOICES, help="weights dtype (default: bfloat16 on CUDA, float32 otherwise)")
     gen.set_defaults(func=_generate, parser=gen)
 

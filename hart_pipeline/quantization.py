@@ -23,7 +23,8 @@ def cpu_int8_problem() -> Optional[str]:
     (``benchmarks/README.md``)."""
     import torch
 
-    if torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported():
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_vnni_supported", "_is_amx_tile_supported")]
+    if None in probes or any(probe() for probe in probes):  # a torch without these probes: cannot tell, go on
         return None
     return (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no int8 dot-product units (VNNI / AMX), so "
             "int8 layers run about 30x slower than float32 here; leave int8 out (or use a CUDA device)")
