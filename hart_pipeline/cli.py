@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import os
 import sys
-import warnings
 from typing import Dict, List, Optional
 
 MAX_SEED = 2**64 - 1
@@ -187,11 +186,9 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         from .quantization import cpu_int8_problem, int8_config
 
         problem = cpu_int8_problem() if device.type == "cpu" else None
-        if problem is not None:
+        if problem is not None:  # (so int8_config, which warns of the same on a machine without CUDA, stays quiet)
             parser.error(f"argument --int8: {problem}.")
-        with warnings.catch_warnings():  # the problem was checked just above, for the device it runs on
-            warnings.simplefilter("ignore")
-            dtype, load = torch.float32, {"quantization_config": int8_config()}
+        dtype, load = torch.float32, {"quantization_config": int8_config()}
     diffusers.utils.logging.disable_progress_bar()  # one progress bar: the generation's
     transformers.utils.logging.disable_progress_bar()
     if args.model is None:
