@@ -125,10 +125,6 @@ def validate_generate_args(parser: argparse.ArgumentParser, args: argparse.Names
         valid = ", ".join(map(str, limits["sizes"])) if limits["sizes"] else "a positive size"
         parser.error(f"argument --size: this model generates square images of side {valid}; got {args.size}.")
     if args.int8:
-        import importlib.util
-
-        if importlib.util.find_spec("torchao") is None:
-            parser.error("argument --int8: needs torchao; `pip install torchao`, or leave --int8 out.")
         if args.dtype not in (None, "float32", "fp32"):
             parser.error(f"argument --int8: the int8 layers take float32 activations; leave --dtype out "
                          f"(got {args.dtype}).")
@@ -181,25 +177,27 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         checked["device"] = PartialState().device
     device = checked["device"] or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPE_NAMES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    load = {}
     if args.int8:
-        from .quantization import cpu_int8_problem, int8_config
+        import importlib.util
 
-        problem = cpu_int8_problem() if device.type == "cpu" else None
-        if problem is not None:  # (so int8_config, which warns of the same on a machine without CUDA, stays quiet)
-            parser.error(f"argument --int8: {problem}.")
-        dtype, load = torch.float32, {"quantization_config": int8_config()}
+        from .quantization import cpu_int8_problem
+
+        if device.type == "cpu" and cpu_int8_problem() is not None:
+            parser.error(f"argument --int8: {cpu_int8_problem()}.")
+        if device.type != "cpu" and importlib.util.find_spec("torchao") is None:
+            parser.error("argument --int8: int8 on CUDA needs torchao; `pip install torchao`, or leave --int8 out.")
+        dtype = torch.float32
     diffusers.utils.logging.disable_progress_bar()  # one progress bar: the generation's
     transformers.utils.logging.disable_progress_bar()
     if args.model is None:
         from .default_model import load_default_pipeline
 
         with quiet_library_noise():
-            pipe = load_default_pipeline(dtype, **load)
+            pipe = load_default_pipeline(dtype)
     else:
         try:
             with quiet_library_noise():
-                pipe = HARTPipeline.from_pretrained(args.model, dtype=dtype, **load)
+                pipe = HARTPipeline.from_pretrained(args.model, dtype=dtype)
         except OSError as e:
             if os.path.isdir(args.model):
                 raise
@@ -208,6 +206,11 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
                           "(offline without a cached copy, a mistyped id, or a private repo: run `hf auth login` "
                           f"first). Check the name; a Hub id looks like user/name. The Hub said: {said}") from None
     pipe.to(device)
+    if args.int8:
+        from .quantization import quantize_int8_
+
+        with quiet_library_noise():
+            quantize_int8_(pipe)
     pipe.set_progress_bar_config(desc="hart generate")
     size = args.size or pipe.default_size
     if size not in pipe.supported_sizes:  # a Hub model: its sizes are known once loaded
@@ -274,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt (default: 1)")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     gen.add_argument("--int8", action="store_true",
-                     help="dynamic int8 Linear layers in the transformer and residual head (torchao; ~1.5-2x faster "
-                          "on a CPU with VNNI / AMX, refused on one without: ~30x slower there; not exact: the "
-                          "image changes a little; weights then stay float32 elsewhere)")
+                     help="int8 Linear layers in the transformer and residual head (oneDNN on the CPU, torchao on "
+                          "CUDA; on a CPU with AMX / VNNI several times faster per layer, refused on one without: "
+                          "no faster there; not exact: the image changes a little; weights stay float32 elsewhere)")
     gen.add_argument("--dtype", choices=DTYPE_CHOICES, help="weights dtype (default: bfloat16 on CUDA, float32 otherwise)")
     gen.set_defaults(func=_generate, parser=gen)
 

@@ -373,15 +373,15 @@ def main(argv=None) -> None:
                         help="the residual stage's guidance: 'model' (the model's default, as the pipeline uses it), "
                              "'official' (the AR stage's final-scale guidance) or a number >= 0")
     parser.add_argument("--int8", action="store_true",
-                        help="evaluate the opt-in int8 path (hart_pipeline.quantization.int8_config: torchao dynamic "
+                        help="evaluate the opt-in int8 path (hart_pipeline.quantization.quantize_int8_: dynamic "
                              "int8 Linear layers in the transformer and the residual head)")
     args = parser.parse_args(argv)
-    load = {}
-    if args.int8:
-        from hart_pipeline.quantization import int8_config
-
-        load = {"dtype": torch.float32, "quantization_config": int8_config()}
+    load = {"dtype": torch.float32} if args.int8 else {}
     pipe = load_default_pipeline(**load) if args.model is None else HARTPipeline.from_pretrained(args.model, **load)
+    if args.int8:
+        from hart_pipeline.quantization import quantize_int8_
+
+        quantize_int8_(pipe)
     if args.residual_guidance != "model":  # 'official' -> None: the AR stage's final-scale guidance
         value = None if args.residual_guidance == "official" else args.residual_guidance
         pipe.scheduler = HARTResidualScheduler.from_config(pipe.scheduler.config, guidance_scale=value)

@@ -55,9 +55,7 @@ class TimestepEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        weight = self.mlp[0].weight
-        weight = weight() if callable(weight) else weight  # a dynamically quantized Linear's weight is a method
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32  # int8 weights take fp32 inputs
+        dtype = self.mlp[0].bias.dtype  # the model's dtype, also when the weight is int8 (quantize_int8_)
         return self.mlp(sinusoidal_embedding(t, self.frequency_dim).to(dtype))
 
 
