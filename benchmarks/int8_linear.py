@@ -1,10 +1,11 @@
 """Does int8 pay on this CPU? One Linear of the released transformer's width (1536 -> 4096, 700 tokens: a 512px
-scale's worth), float32 vs torchao's dynamic int8 (what ``--int8`` uses), one thread, interleaved repeats.
+scale's worth), float32 vs ``quantize_int8_``'s layer (what ``--int8`` uses: oneDNN ``Int8Linear`` on the CPU),
+one thread, interleaved repeats.
 
     python benchmarks/int8_linear.py            # prints ms per call and the int8 / fp32 ratio per repeat
 
-With VNNI / AMX int8 is ~2.3x faster per layer; without them (AVX2 only) it is ~30x slower, and ``hart generate
---int8`` refuses such a CPU (``hart_pipeline.quantization.cpu_int8_problem``).
+With AMX int8 is ~8-10x faster per layer, with VNNI only ~3x; without them (AVX2 only) it is no faster, and ``hart
+generate --int8`` refuses such a CPU (``hart_pipeline.quantization.cpu_int8_problem``).
 """
 
 import argparse

@@ -182,8 +182,9 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
         from .quantization import cpu_int8_problem
 
-        if device.type == "cpu" and cpu_int8_problem() is not None:
-            parser.error(f"argument --int8: {cpu_int8_problem()}.")
+        problem = cpu_int8_problem() if device.type == "cpu" else None
+        if problem is not None:
+            parser.error(f"argument --int8: {problem}.")
         if device.type != "cpu" and importlib.util.find_spec("torchao") is None:
             parser.error("argument --int8: int8 on CUDA needs torchao; `pip install torchao`, or leave --int8 out.")
         dtype = torch.float32

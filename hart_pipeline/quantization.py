@@ -23,13 +23,13 @@ INT8_COMPONENTS = ("transformer", "residual_head")
 
 def cpu_int8_problem() -> Optional[str]:
     """Why int8 would not pay on this CPU, or None. int8 matmuls need the CPU's int8 dot-product units (VNNI or
-    AMX); without them (e.g. an AVX2-only AMD EPYC) int8 layers run slower than float32: torchao's ~30x, oneDNN's
-    1.4x at 700 tokens and ~15x at one token (``benchmarks/README.md``)."""
+    AMX); without them (e.g. an AVX2-only AMD EPYC) int8 layers are no faster than float32: oneDNN's at about its
+    speed, torchao's ~30x slower (``benchmarks/README.md``)."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_vnni_supported", "_is_amx_tile_supported")]
     if None in probes or any(probe() for probe in probes):  # a torch without these probes: cannot tell, go on
         return None
     return (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no int8 dot-product units (VNNI / AMX), so "
-            "int8 layers run slower than float32 here (up to ~30x); leave int8 out (or use a CUDA device)")
+            "int8 layers are no faster than float32 here; leave int8 out (or use a CUDA device)")
 
 
 def _warn_if_slow_on_cpu() -> None:
@@ -40,7 +40,8 @@ def _warn_if_slow_on_cpu() -> None:
 
 class Int8Linear(nn.Module):
     """A CPU ``nn.Linear`` in int8 through oneDNN: weights symmetric per output channel, activations symmetric per
-    token (quantized at each call, stored as uint8 around 128), int32 accumulation, fp32 out. Inference only; it has no state dict to save."""
+    token (quantized at each call, stored as uint8 around 128), int32 accumulation, fp32 out. Inference only: it
+    has no state dict to save."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -93,10 +94,11 @@ def quantize_int8_(target) -> None:
     """int8 Linear layers in place: in a pipeline's transformer and residual head, or in one module. On the CPU
     ``Int8Linear`` (oneDNN), on CUDA torchao's ``Int8DynamicActivationInt8WeightConfig``."""
     modules = [getattr(target, name) for name in INT8_COMPONENTS] if not isinstance(target, nn.Module) else [target]
-    for module in modules:
-        parameter = next(module.parameters(), None)
-        if parameter is None or parameter.device.type == "cpu":
-            _warn_if_slow_on_cpu()
+    on_cpu = [next(module.parameters(), torch.empty(0)).device.type == "cpu" for module in modules]
+    if any(on_cpu):
+        _warn_if_slow_on_cpu()
+    for module, cpu in zip(modules, on_cpu):
+        if cpu:
             _swap_linears(module)
         else:
             from torchao.quantization import quantize_

@@ -116,7 +116,7 @@ def test_int8_warns_on_a_cpu_without_int8_units(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert "no int8 dot-product units" in cpu_int8_problem()
-    with pytest.warns(UserWarning, match="slower than float32"):
+    with pytest.warns(UserWarning, match="no faster than float32"):
         quantize_int8_(torch.nn.Sequential(torch.nn.Linear(8, 8)))
     if not torch.cuda.is_available():
         with pytest.warns(UserWarning, match="VNNI / AMX"):
@@ -126,7 +126,7 @@ def test_int8_warns_on_a_cpu_without_int8_units(monkeypatch):
 
 
 def test_int8_dynamic_quantization_of_transformer_and_head(folder):
-    """The opt-in int8 path (hart_pipeline.quantization.int8_config, `hart generate --int8`): int8 weights in the
+    """The diffusers form of int8 (hart_pipeline.quantization.int8_config, torchao's layers): int8 weights in the
     transformer and the residual head only, float32 elsewhere, close to fp32 but not equal."""
     from hart_pipeline.quantization import int8_config
 
