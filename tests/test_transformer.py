@@ -111,6 +111,30 @@ def test_teacher_forced_forward_equals_kv_cached(patch_nums):
         assert rel_err(tokens.residual_condition[:B], cond) <= 1e-5
 
 
+def test_attention_dtype_processor(patch_nums=(1, 2, 3, 4)):
+    """HARTAttnProcessor(attention_dtype=bf16): attention and KV cache in bf16, logits close to fp32's; the default
+    processor (None) gives the same logits bit for bit."""
+    from hart_pipeline.models.transformer import HARTAttnProcessor
+
+    transformer, vae = tiny_transformer(patch_nums, seed=1), tiny_vae(patch_nums, seed=2)
+    context, position_ids = text_condition(2, 8, 32, seed=3)
+    indices = _random_indices(patch_nums, 2, seed=4)
+    with torch.no_grad():
+        scale_inputs = vae.quantizer.teacher_forcing_input(indices, patch_nums)
+        reference = transformer(context, position_ids, scale_inputs, patch_nums=patch_nums).logits
+        transformer.set_attn_processor(HARTAttnProcessor())
+        assert torch.equal(transformer(context, position_ids, scale_inputs, patch_nums=patch_nums).logits, reference)
+        transformer.set_attn_processor(HARTAttnProcessor(attention_dtype=torch.bfloat16))
+        assert len(transformer.attn_processors) == transformer.config.num_layers
+        assert transformer.new_kv_cache(2, patch_nums, 8).keys.dtype == torch.bfloat16
+        low = transformer(context, position_ids, scale_inputs, patch_nums=patch_nums).logits
+        assert low.dtype == torch.float32 and not torch.equal(low, reference)
+        assert rel_err(low, reference) <= 3e-2
+        tokens = generate_tokens(transformer, vae, context, position_ids, patch_nums=patch_nums,
+                                 generator=torch.Generator().manual_seed(0))
+        assert [t.shape for t in tokens.indices] == [(2, pn * pn) for pn in patch_nums]
+
+
 def test_kv_cache_overflow():
     cache = KVCache(num_layers=1, batch_size=1, num_heads=2, max_length=5, head_dim=4, dtype=torch.float32,
                     device=torch.device("cpu"))
