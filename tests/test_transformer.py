@@ -111,11 +111,12 @@ def test_teacher_forced_forward_equals_kv_cached(patch_nums):
         assert rel_err(tokens.residual_condition[:B], cond) <= 1e-5
 
 
-def test_attention_dtype_processor(patch_nums=(1, 2, 3, 4)):
+def test_attention_dtype_processor():
     """HARTAttnProcessor(attention_dtype=bf16): attention and KV cache in bf16, logits close to fp32's; the default
     processor (None) gives the same logits bit for bit."""
     from hart_pipeline.models.transformer import HARTAttnProcessor
 
+    patch_nums = (1, 2, 3, 4)
     transformer, vae = tiny_transformer(patch_nums, seed=1), tiny_vae(patch_nums, seed=2)
     context, position_ids = text_condition(2, 8, 32, seed=3)
     indices = _random_indices(patch_nums, 2, seed=4)

@@ -94,8 +94,9 @@ class HARTAttnProcessor:
     ``dispatch_attention_fn`` (so diffusers' backends apply) with the block-causal pattern by scale.
 
     ``attention_dtype``: the softmax attention (and the KV cache, which ``new_kv_cache`` allocates in it) in this
-    dtype, e.g. bfloat16 on a CPU with bf16 units (AMX) under ``quantize_int8_``, where it runs ~2.4x faster than
-    in float32; the projections stay in the activations' dtype. None (the default, exact): the activations' dtype.
+    dtype, e.g. bfloat16 on a CPU with bf16 units (AMX), where it runs ~2.5x faster than in float32; the
+    projections stay in the activations' dtype. Not exact; set it with ``transformer.set_attn_processor(...)``.
+    None (the default, exact): the activations' dtype.
     """
 
     _attention_backend = None
